@@ -1,0 +1,5 @@
+"""`python -m attnlab ...` (and `torchrun -m attnlab train ...`) run the command-line tool."""
+
+from .cli import main
+
+raise SystemExit(main())
