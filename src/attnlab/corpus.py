@@ -42,7 +42,7 @@ class CorpusError(ValueError):
 
 
 def default_data_dir() -> Path:
-    """The data folder now: ``$ATTNLAB_DATA`` if set (read at call time), else the repo's ``data/``."""
+    """Data folder: ``$ATTNLAB_DATA`` if set (read at each call), else the repo's ``data/``."""
     return Path(os.environ.get("ATTNLAB_DATA") or _REPO_DATA_DIR)
 
 

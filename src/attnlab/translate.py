@@ -1,0 +1,154 @@
+"""Translating sentences with a trained Transformer, and scoring translations with sacreBLEU.
+
+``Translator`` turns text into token ids, runs greedy or beam search (``attnlab.decoding``) in
+length-sorted batches, and returns the translations in input order. Decoding uses the KV cache
+unless ``use_cache=False``, which re-runs the decoder over the whole prefix at every step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import sacrebleu
+import torch
+from torch import Tensor
+
+from .checkpoint import load_model_state, read_checkpoint_json, resolve_checkpoint
+from .decoding import beam_search, greedy_search
+from .model import DecoderState, Transformer, TransformerConfig
+from .vocab import BaseVocab, vocab_from_json
+
+__all__ = ["DecodeConfig", "Translator", "load_translator", "bleu_scores"]
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to search: beam size (1 = greedy), GNMT length penalty α, extra length past the source."""
+
+    beam_size: int = 4
+    alpha: float = 0.6
+    max_len_a: int = 50  # maximum output length = source length + max_len_a (the paper's rule)
+    batch_size: int = 64
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+class _MemoryState(NamedTuple):
+    """The state of uncached decoding: only the encoder output and its mask travel."""
+
+    memory: Tensor  # (N, S, E)
+    src_mask: Tensor  # (N, 1, 1, S)
+
+    def select(self, index: Tensor) -> "_MemoryState":
+        return _MemoryState(self.memory.index_select(0, index), self.src_mask.index_select(0, index))
+
+
+class Translator:
+    """A model with its vocabularies, ready to translate text."""
+
+    def __init__(self, model: Transformer, src_vocab: BaseVocab, tgt_vocab: BaseVocab) -> None:
+        self.model = model.eval()
+        self.src_vocab = src_vocab
+        self.tgt_vocab = tgt_vocab
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_source(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Source token ids with EOS, cut to fit the model's positions."""
+        limit = self.model.config.max_len
+        return [ids[: limit - 1] + [self.src_vocab.eos_id] for ids in self.src_vocab.encode_batch(list(sentences))]
+
+    @torch.no_grad()
+    def translate_ids(self, sources: list[list[int]], config: DecodeConfig = DecodeConfig()) -> list[list[int]]:
+        """Target ids (no BOS/EOS) for a batch of source id lists."""
+        pad = self.model.config.pad_id
+        width = max(len(s) for s in sources)
+        src = torch.full((len(sources), width), pad, dtype=torch.long)
+        for i, ids in enumerate(sources):
+            src[i, : len(ids)] = torch.tensor(ids)
+        src = src.to(self.device)  # (B, S)
+        src_mask = src.ne(pad)[:, None, None, :]  # (B, 1, 1, S)
+        memory = self.model.encode(src, src_mask)  # (B, S, E)
+        lengths = torch.tensor([len(s) for s in sources], device=self.device)
+        max_len = torch.clamp(lengths + config.max_len_a, max=self.model.config.max_len - 1)
+        if config.use_cache:
+            state, step = self.model.start_decoding(memory, src_mask), self._cached_step
+        else:
+            state, step = _MemoryState(memory, src_mask), self._uncached_step
+        search = dict(
+            step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
+            eos_id=self.tgt_vocab.eos_id, max_len=max_len, device=self.device,
+        )
+        if config.beam_size == 1:
+            return greedy_search(**search, pad_id=pad)
+        return beam_search(**search, beam_size=config.beam_size, alpha=config.alpha)
+
+    def _cached_step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        logits, state = self.model.decode_step(prefix[:, state.length :], state)  # (N, t_new, V)
+        return logits[:, -1].float().log_softmax(dim=-1), state
+
+    def _uncached_step(self, prefix: Tensor, state: _MemoryState) -> tuple[Tensor, _MemoryState]:
+        logits = self.model.decode(prefix, state.memory, state.src_mask)  # (N, t, V)
+        return logits[:, -1].float().log_softmax(dim=-1), state
+
+    def translate(
+        self, sentences: Sequence[str], config: DecodeConfig = DecodeConfig(), progress: bool = False
+    ) -> list[str]:
+        """Translate sentences in length-sorted batches; results come back in input order.
+
+        An empty (or blank) sentence gives an empty translation.
+        """
+        results = [""] * len(sentences)
+        todo = [i for i, s in enumerate(sentences) if s.strip()]
+        sources = self.encode_source([sentences[i] for i in todo])
+        order = sorted(range(len(todo)), key=lambda j: len(sources[j]))
+        batches = [order[k : k + config.batch_size] for k in range(0, len(order), config.batch_size)]
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="translating", unit="batch")
+        for batch in batches:
+            outputs = self.translate_ids([sources[j] for j in batch], config)
+            for j, ids in zip(batch, outputs):
+                results[todo[j]] = self.tgt_vocab.decode(ids)
+        return results
+
+
+def load_translator(path: str | Path, device: str = "cpu", which: str = "model") -> Translator:
+    """Load a translation checkpoint (or a run directory's final/best/last one) for inference."""
+    directory = resolve_checkpoint(Path(path), which)
+    config = read_checkpoint_json(directory, "config.json")
+    if config.get("kind") != "translation":
+        raise ValueError(f"{directory} holds a {config.get('kind')!r} model, not a translation model")
+    vocabs = read_checkpoint_json(directory, "vocab.json")
+    model = Transformer(TransformerConfig.from_dict(config["model"]))
+    load_model_state(model, directory)
+    src_vocab = vocab_from_json(json.dumps(vocabs["src"]))
+    tgt_vocab = src_vocab if "tgt" not in vocabs else vocab_from_json(json.dumps(vocabs["tgt"]))
+    return Translator(model.to(device), src_vocab, tgt_vocab)
+
+
+def bleu_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, object]:
+    """Corpus sacreBLEU, cased and lowercased (``-lc``), with the signatures that pin their settings."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} translations but {len(references)} references")
+    cased = sacrebleu.metrics.BLEU()
+    lower = sacrebleu.metrics.BLEU(lowercase=True)
+    cased_score = cased.corpus_score(list(hypotheses), [list(references)])
+    lower_score = lower.corpus_score(list(hypotheses), [list(references)])
+    return {
+        "bleu": round(cased_score.score, 2),
+        "bleu_lc": round(lower_score.score, 2),
+        "signature": str(cased.get_signature()),
+        "signature_lc": str(lower.get_signature()),
+    }

@@ -1,0 +1,93 @@
+"""Shared test helpers: printed-digit checks, mask conversion, and weight copying to PyTorch modules.
+
+attnlab masks are boolean with True = may attend; ``torch.nn.MultiheadAttention`` and the
+``torch.nn.Transformer*`` layers take boolean masks with True = blocked. The conversion lives here,
+once, and the tests call it at the edge.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from attnlab import DecoderLayer, EncoderLayer, MultiHeadAttention
+
+
+def assert_digits(actual: Tensor, expected, decimals: int) -> None:
+    """``actual`` rounded to ``decimals`` digits equals the printed ``expected`` digit for digit."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    scale = 10.0**decimals
+    got = torch.round(actual.detach().double() * scale).long()
+    want = torch.round(expected * scale).long()
+    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.equal(got, want), f"\n{got / scale}\n!=\n{want / scale}"
+
+
+# -- masks: attnlab (True = may attend) -> PyTorch modules (True = blocked) -------------------------
+def torch_key_padding_mask(mask: Tensor) -> Tensor:
+    """attnlab padding mask (B, 1, 1, S) -> PyTorch ``key_padding_mask`` (B, S), True = padding."""
+    return ~mask[:, 0, 0, :]
+
+
+def torch_attn_mask(mask: Tensor) -> Tensor:
+    """attnlab (T, S) mask -> PyTorch ``attn_mask`` (T, S), True = blocked."""
+    return ~mask
+
+
+# -- our modules' parameters, named and packed the way PyTorch's counterparts hold them --------------
+def _mha_state(mha: MultiHeadAttention, get: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    return {
+        "in_proj_weight": torch.cat([get(mha.w_q.weight), get(mha.w_k.weight), get(mha.w_v.weight)]),
+        "in_proj_bias": torch.cat([get(mha.w_q.bias), get(mha.w_k.bias), get(mha.w_v.bias)]),
+        "out_proj.weight": get(mha.w_o.weight),
+        "out_proj.bias": get(mha.w_o.bias),
+    }
+
+
+def torch_state(module: nn.Module, grads: bool = False) -> dict[str, Tensor]:
+    """Parameters (or their gradients) of an attnlab ``MultiHeadAttention``, ``EncoderLayer`` or
+    ``DecoderLayer`` under the names of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` /
+    ``nn.TransformerDecoderLayer``: load them with ``load_state_dict``, or compare gradients."""
+    get = (lambda p: p.grad) if grads else (lambda p: p.detach())
+    if isinstance(module, MultiHeadAttention):
+        return _mha_state(module, get)
+    if not isinstance(module, (EncoderLayer, DecoderLayer)):
+        raise TypeError(f"no PyTorch counterpart known for {type(module).__name__}")
+    state = {f"self_attn.{k}": v for k, v in _mha_state(module.self_attn, get).items()}
+    if isinstance(module, DecoderLayer):
+        state.update({f"multihead_attn.{k}": v for k, v in _mha_state(module.cross_attn, get).items()})
+    ff = module.feed_forward
+    state.update({
+        "linear1.weight": get(ff.w_1.weight), "linear1.bias": get(ff.w_1.bias),
+        "linear2.weight": get(ff.w_2.weight), "linear2.bias": get(ff.w_2.bias),
+    })
+    for name, child in module.named_children():
+        if isinstance(child, nn.LayerNorm):
+            state[f"{name}.weight"] = get(child.weight)
+            state[f"{name}.bias"] = get(child.bias)
+    return state
+
+
+def copy_to_torch(ours: nn.Module, theirs: nn.Module) -> nn.Module:
+    """Load ``ours``'s weights into its PyTorch counterpart (strictly: every parameter mapped)."""
+    theirs.load_state_dict(torch_state(ours), strict=True)
+    return theirs
+
+
+def assert_grads_match(ours: nn.Module, theirs: nn.Module, **tolerances) -> None:
+    """Every parameter gradient of ``theirs`` equals the corresponding one of ``ours``."""
+    mapped = torch_state(ours, grads=True)
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(mapped[name], p.grad, msg=lambda m: f"grad of {name}: {m}", **tolerances)
+
+
+def randomize_norms_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every LayerNorm a non-trivial γ and β, so that tests notice if either is dropped."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=generator))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=generator))
+    return module
