@@ -3,6 +3,11 @@
     attnlab train --preset multi30k-de-en --out runs/de-en
     attnlab translate --checkpoint runs/de-en "Ein Hund rennt durch den Park."
     attnlab evaluate --checkpoint runs/de-en --split test_2016_flickr
+    attnlab explain --example tutorial --scale 1
+    attnlab explain --checkpoint runs/de-en "Ein Mann fährt Fahrrad."
+    attnlab plot positional-encoding --d-model 32 --positions 60
+    attnlab train --preset shakespeare-char --out runs/shakespeare
+    attnlab generate --checkpoint runs/shakespeare --prompt "ROMEO:" --max-new-tokens 500
     attnlab demo
 """
 
@@ -138,6 +143,96 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="walk through attention step by step, or inside a trained model",
+                       description="With --example: print every step of a worked example from the "
+                       "tutorials. With --checkpoint and a sentence: translate it and write attention "
+                       "heatmaps (PNG) and an HTML report, and print the most attended source tokens.")
+    p.add_argument("--example", choices=["simple", "trainable", "tutorial"])
+    p.add_argument("--scale", type=float, default=None,
+                   help="score scale for --example tutorial (1.0 reproduces the tutorial; default 1/sqrt(d_k))")
+    p.add_argument("--checkpoint", help="a translation run or checkpoint directory")
+    p.add_argument("sentence", nargs="?", help="the sentence to translate and explain")
+    p.add_argument("--out", default=None, help="folder for the PNGs and report.html (default: explain/ in the run)")
+    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+
+
+@command("explain")
+def _explain(args: argparse.Namespace) -> int:
+    if bool(args.example) == bool(args.checkpoint):
+        raise ValueError("give either --example NAME or --checkpoint DIR with a sentence")
+    if args.example:
+        from .explain import explain_example
+
+        print(explain_example(args.example, args.scale))
+        return 0
+    if not args.sentence:
+        raise ValueError("--checkpoint needs a sentence to translate, e.g. \"Ein Mann fährt Fahrrad.\"")
+    from .explain import explain_translation
+    from .translate import DecodeConfig, load_translator
+
+    translator = load_translator(args.checkpoint, args.device)
+    config = DecodeConfig(beam_size=args.beam)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "explain"
+    result = explain_translation(
+        translator.model, translator.src_vocab, translator.tgt_vocab, args.sentence, out,
+        lambda s: translator.translate_ids(translator.encode_source([s]), config)[0],
+    )
+    print(f"source:      {args.sentence}")
+    print(f"translation: {result.translation}")
+    print("most attended source tokens (last layer, heads averaged):")
+    print(result.top_attended)
+    print(f"wrote {len(result.pngs)} heatmaps and the report: {result.report}")
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw figures: the positional-encoding table")
+    p.add_argument("what", choices=["positional-encoding"])
+    p.add_argument("--d-model", type=int, default=32)
+    p.add_argument("--positions", type=int, default=60)
+    p.add_argument("--out", default="positional_encoding.png")
+
+
+@command("plot")
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_positional_encoding
+
+    print(plot_positional_encoding(d_model=args.d_model, positions=args.positions, path=args.out))
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="write text with a trained language model")
+    p.add_argument("--checkpoint", required=True, help="a language-model run or checkpoint directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="repeatable output")
+    p.add_argument("--no-cache", action="store_true", help="re-read the context at every step (slow)")
+    p.add_argument("--device", default="cpu")
+
+
+@command("generate")
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .lm import generate, load_language_model
+
+    model, vocab = load_language_model(args.checkpoint, args.device)
+    ids = vocab.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty after encoding; give at least one known character")
+    prompt = torch.tensor([ids], device=args.device)
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
+    print(vocab.decode(out[0].tolist()))
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the guided tour: worked examples, a tiny translation model, a report")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
@@ -156,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnlab", description="Build, train, inspect and run Transformer attention models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_translate, _add_evaluate, _add_demo):
+    for add in (_add_train, _add_translate, _add_evaluate, _add_generate, _add_explain, _add_plot, _add_demo):
         add(sub)
     return parser
 

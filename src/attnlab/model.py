@@ -23,7 +23,10 @@ from torch import Tensor, nn
 from .attention import KV, _check_token_ids, causal_mask, padding_mask
 from .layers import DecoderLayer, EncoderLayer, PositionalEncoding
 
-__all__ = ["TransformerConfig", "Transformer", "DecoderState", "TokenEmbedding"]
+__all__ = [
+    "TransformerConfig", "Transformer", "DecoderState", "TokenEmbedding",
+    "LanguageModelConfig", "DecoderOnlyTransformer", "LMState",
+]
 
 
 @dataclass(frozen=True)
@@ -235,3 +238,109 @@ class Transformer(nn.Module):
         src_mask = padding_mask(src, self.config.pad_id)  # (B, 1, 1, S)
         memory = self.encode(src, src_mask)
         return self.decode(tgt, memory, src_mask)
+
+
+@dataclass(frozen=True)
+class LanguageModelConfig:
+    """Sizes of a decoder-only (GPT-style) language model. ``max_len`` is its context window."""
+
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 4
+    d_ff: int = 512
+    dropout: float = 0.0
+    max_len: int = 64
+    norm_first: bool = True
+    tie_embeddings: bool = True
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LanguageModelConfig":
+        return cls(**data)
+
+
+class LMState(NamedTuple):
+    """The KV cache of a decoder-only model: one self-attention entry per layer, as a value."""
+
+    self_kv: tuple[KV, ...] | None  # per layer, (B, H, t, D)
+    length: int  # positions cached so far
+
+    def select(self, index: Tensor) -> "LMState":
+        self_kv = None if self.self_kv is None else tuple(kv.select(index) for kv in self.self_kv)
+        return LMState(self_kv, self.length)
+
+
+class DecoderOnlyTransformer(nn.Module):
+    """A GPT-style language model: the encoder layer's blocks under a causal mask, no cross-attention.
+
+    Shape: tokens (B, T) -> logits (B, T, V). ``step`` decodes new positions with a KV cache.
+
+    Example:
+        >>> lm = DecoderOnlyTransformer(LanguageModelConfig(vocab_size=65))
+        >>> lm(torch.randint(0, 65, (2, 16))).shape
+        torch.Size([2, 16, 65])
+    """
+
+    def __init__(self, config: LanguageModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = TokenEmbedding(c.vocab_size, c.d_model, c.pad_id)
+        self.positional = PositionalEncoding(c.d_model, c.dropout, c.max_len)
+        self.layers = nn.ModuleList(
+            EncoderLayer(c.d_model, c.num_heads, c.d_ff, c.dropout, c.norm_first) for _ in range(c.num_layers)
+        )
+        self.norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
+        self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        if c.tie_embeddings:
+            self.output.weight = self.embed.embedding.weight
+
+    def forward(self, tokens: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Logits for every position (B, T, V); with ``need_weights`` also (B, H, T, T) per layer."""
+        logits, _, weights = self._run(tokens, LMState(None, 0), need_weights, keep_cache=False)
+        return (logits, weights) if need_weights else logits
+
+    def start(self) -> LMState:
+        """An empty cache."""
+        return LMState(None, 0)
+
+    def step(self, tokens: Tensor, state: LMState) -> tuple[Tensor, LMState]:
+        """Logits (B, T_new, V) of new positions ``tokens`` (B, T_new) after the cached ones."""
+        logits, state, _ = self._run(tokens, state, False, keep_cache=True)
+        return logits, state
+
+    def _run(
+        self, tokens: Tensor, state: LMState, need_weights: bool, keep_cache: bool
+    ) -> tuple[Tensor, LMState, list[Tensor]]:
+        _check_token_ids(tokens, "tokens")
+        T = tokens.size(1)
+        mask = causal_mask(T, state.length + T, device=tokens.device)  # (T, t + T)
+        x = self.positional(self.embed(tokens), start=state.length)  # (B, T, E)
+        pasts = state.self_kv or (None,) * len(self.layers)
+        new_kv, weights = [], []
+        for layer, past in zip(self.layers, pasts):
+            x, kv, w = layer.run(x, mask, past, need_weights)
+            new_kv.append(kv)
+            weights.append(w)
+        logits = self.output(self.norm(x))  # (B, T, V)
+        new_state = LMState(tuple(new_kv) if keep_cache else None, state.length + T)
+        return logits, new_state, weights

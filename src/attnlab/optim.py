@@ -45,6 +45,10 @@ def build_adam(
     The learning rate is set by the training loop at every step from the schedule.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if weight_decay > 0:
-        return torch.optim.AdamW(params, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay)
+    if weight_decay > 0:  # decay matrices only, never biases or LayerNorm gains
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps)
     return torch.optim.Adam(params, lr=0.0, betas=betas, eps=eps)

@@ -254,9 +254,11 @@ def train(
     best = info.get("best") if info else None
     stale = info.get("stale", 0) if info else 0
     tokens_seen = info.get("tokens", 0) if info else 0
+    train_seconds = info.get("train_seconds", 0.0) if info else 0.0
     stop_reason = None
     last_metrics: dict[str, float] = {}
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    wall_start, wall_before = time.perf_counter(), elapsed  # the time limit counts evaluations too
 
     def evaluate_and_save() -> bool:
         """Evaluate, checkpoint, log on the main process; returns whether to stop early."""
@@ -280,7 +282,7 @@ def train(
             say("  ".join(f"{k}={v}" for k, v in row.items() if k != "event"))
             name = f"step-{step:07d}"
             state = {"step": step, "epoch": epoch, "batch": position, "elapsed": elapsed, "best": best,
-                     "stale": stale, "tokens": tokens_seen, "metrics": metrics}
+                     "stale": stale, "tokens": tokens_seen, "train_seconds": train_seconds, "metrics": metrics}
             run.save(name, model, _trainer_tensors(model, optimizer), state)
             run.record(name, metrics, improved)
             last_metrics = metrics
@@ -302,8 +304,9 @@ def train(
             loss, n_tgt, n_src = train_step(ddp, optimizer, task, tensors, learning_rate(config, step), config, world)
             position += 1
             seconds = time.perf_counter() - started
-            elapsed += seconds
+            elapsed = wall_before + time.perf_counter() - wall_start
             tokens_seen += n_tgt + n_src * world.size
+            train_seconds += seconds
             window_loss, window_steps, window_tokens = window_loss + loss, window_steps + 1, window_tokens + n_tgt + n_src * world.size
             if bar is not None:
                 bar.update(1)
@@ -333,7 +336,7 @@ def train(
     if world.is_main:
         summary = _finish(run, task, model, device, config, say)
         summary.update(steps=step, epochs_completed=epoch, train_minutes=round(elapsed / 60, 2),
-                       tokens_per_s=round(tokens_seen / max(1e-9, elapsed)), stop_reason=stop_reason,
+                       tokens_per_s=round(tokens_seen / max(1e-9, train_seconds)), stop_reason=stop_reason,
                        parameters=n_params)
         write_json_atomic(out_dir / "summary.json", summary)
         _plot_losses(run.log_path, out_dir / "loss.png")
