@@ -12,14 +12,21 @@ Shape legend: B sentences, K beams, N rows (B or B·K), t tokens so far, V vocab
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepFn", "greedy_search", "beam_search", "sample", "length_penalty"]
+__all__ = ["StepFn", "Hypothesis", "greedy_search", "beam_search", "sample", "length_penalty"]
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
+
+
+class Hypothesis(NamedTuple):
+    """A finished beam: its tokens (no BOS/EOS) and score = log-probability / length penalty."""
+
+    tokens: list[int]
+    score: float
 
 
 def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -70,7 +77,7 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
 def beam_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
     beam_size: int = 4, alpha: float = 0.6, device: torch.device | str = "cpu",
-) -> list[list[int]]:
+) -> list[Hypothesis]:
     """Batched beam search with GNMT length penalty, as in the paper (beam 4, alpha 0.6).
 
     All sentences and beams advance together as B·K rows. At each step the 2K best extensions of
@@ -78,8 +85,10 @@ def beam_search(
     hypothesis with score logp / length_penalty, the best K non-EOS extensions stay alive and the
     state is reordered by their parent beams. A sentence is done once it has K finished hypotheses
     (so beam size 1 is exactly greedy search); the best finished hypothesis is returned.
+    A hypothesis's length, for the penalty, counts its tokens and the EOS. One cut at the length
+    limit ends there (as in greedy search), its EOS costing nothing.
 
-    ``state`` must describe B rows; it is expanded to B·K here. Returns token lists without BOS/EOS.
+    ``state`` must describe B rows; it is expanded to B·K here. Returns one ``Hypothesis`` per row.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -98,10 +107,11 @@ def beam_search(
         log_probs, state = step(prefix, state)  # (B·K, V)
         V = log_probs.size(-1)
         log_probs = log_probs.float().view(B, K, V)
-        at_limit = (t + 1 >= limits)[:, None, None]  # (B, 1, 1): force EOS at the last position
+        # At a row's length limit every hypothesis is cut: it ends there with EOS, at no cost.
+        at_limit = (t + 1 >= limits)[:, None, None]  # (B, 1, 1)
         eos_only = torch.full_like(log_probs, float("-inf"))
         eos_only[..., eos_id] = 0.0
-        log_probs = torch.where(at_limit, log_probs + eos_only, log_probs)
+        log_probs = torch.where(at_limit, eos_only, log_probs)
         candidates = (alive_logp[:, :, None] + log_probs).view(B, K * V)  # (B, K·V)
         n_top = min(2 * K, K * V)
         top_logp, top_index = candidates.topk(n_top, dim=-1)  # (B, 2K)
@@ -117,7 +127,7 @@ def beam_search(
                     continue
                 tokens = history[b, top_beam[b, j], 1:].tolist()
                 finished[b].append((float(top_logp[b, j]) / penalty, tokens))
-        done |= torch.tensor([len(f) >= K for f in finished], device=device)
+        done |= torch.tensor([len(f) >= K for f in finished], device=device) | (t + 1 >= limits)
         if done.all():
             break
 
@@ -131,13 +141,8 @@ def beam_search(
         prefix = torch.cat([prefix.index_select(0, rows), token.view(-1, 1)], dim=1)  # (B·K, t + 2)
         state = state.select(rows)
 
-    results = []
-    for b in range(B):
-        if finished[b]:
-            results.append(max(finished[b], key=lambda item: item[0])[1])
-        else:  # unreachable: the last position forces EOS; kept for safety on odd step functions
-            results.append(prefix.view(B, K, -1)[b, int(alive_logp[b].argmax()), 1:].tolist())
-    return results
+    # Every row is done here: the last position forces EOS, so K hypotheses always finish.
+    return [Hypothesis(*max(finished[b], key=lambda item: item[0])[::-1]) for b in range(B)]
 
 
 def sample(

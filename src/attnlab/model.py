@@ -235,6 +235,7 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Teacher forcing: source ids (B, S) and target input ids (B, T) -> logits (B, T, V)."""
+        _check_token_ids(src, "src")
         src_mask = padding_mask(src, self.config.pad_id)  # (B, 1, 1, S)
         memory = self.encode(src, src_mask)
         return self.decode(tgt, memory, src_mask)

@@ -91,7 +91,7 @@ class Translator:
         )
         if config.beam_size == 1:
             return greedy_search(**search, pad_id=pad)
-        return beam_search(**search, beam_size=config.beam_size, alpha=config.alpha)
+        return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha)]
 
     def _cached_step(self, prefix: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         logits, state = self.model.decode_step(prefix[:, state.length :], state)  # (N, t_new, V)

@@ -1,0 +1,228 @@
+"""Speed of attnlab's core against PyTorch's own modules, on the CPU, in one run.
+
+(a) forward + backward of ``attnlab.MultiHeadAttention`` vs ``torch.nn.MultiheadAttention``
+    (self-attention, d_model 256, 8 heads, batch 128 x 24 tokens, same weights);
+(b) one training step (forward, cross-entropy, backward, Adam) of ``attnlab.Transformer`` vs
+    ``torch.nn.Transformer`` (d_model 256, 3+3 layers, 8 heads, d_ff 512, dropout 0.1, batch 128 x 24
+    source and 24 target tokens, vocabulary 8000 on both sides). The PyTorch model is wrapped in the
+    same embeddings (attnlab's TokenEmbedding, scaled by √d_model, and PositionalEncoding) and the
+    same output layer, and gets the same masks (source padding, causal + target padding), so the
+    two differ only in the encoder-decoder core.
+
+Each case warms up, then the two implementations take turns, one timed call each per repeat, so
+that they share the machine's noise; the median is reported, with ours/PyTorch's ratio (goal <= 1).
+The training step's FLOP count (see ``transformer_train_flops``) gives its achieved GFLOP/s, shown
+beside the machine's fp32 matmul rate measured in the same run.
+
+Usage: python benchmarks/bench_core.py [--repeats 10] [--warmup 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab import MultiHeadAttention, PositionalEncoding, Transformer, TransformerConfig
+from attnlab.model import TokenEmbedding
+
+D_MODEL, HEADS, LAYERS, D_FF, DROPOUT = 256, 8, 3, 512, 0.1
+BATCH, SRC_LEN, TGT_LEN, VOCAB, PAD = 128, 24, 24, 8000, 0
+
+
+# -- what the two sides run -------------------------------------------------------------------------
+class TorchSeq2Seq(nn.Module):
+    """``torch.nn.Transformer`` inside the same embeddings and output layer as ``attnlab.Transformer``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src_embed = TokenEmbedding(VOCAB, D_MODEL, PAD)
+        self.tgt_embed = TokenEmbedding(VOCAB, D_MODEL, PAD)
+        self.positional = PositionalEncoding(D_MODEL, DROPOUT)
+        self.transformer = nn.Transformer(
+            D_MODEL, HEADS, LAYERS, LAYERS, D_FF, DROPOUT, batch_first=True
+        )
+        self.output = nn.Linear(D_MODEL, VOCAB)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        # PyTorch's boolean masks mean True = blocked: the opposite of attnlab's.
+        src_pad = src == PAD  # (B, S)
+        tgt_pad = tgt == PAD  # (B, T)
+        T = tgt.size(1)
+        future = torch.ones(T, T, dtype=torch.bool, device=tgt.device).triu(1)  # (T, T)
+        x = self.transformer(
+            self.positional(self.src_embed(src)),
+            self.positional(self.tgt_embed(tgt)),
+            tgt_mask=future,
+            src_key_padding_mask=src_pad,
+            tgt_key_padding_mask=tgt_pad,
+            memory_key_padding_mask=src_pad,
+        )
+        return self.output(x)  # (B, T, V)
+
+
+def random_batch(generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Token ids with some end padding: src (B, S), target input (B, T), target output (B, T)."""
+
+    def ids(length: int) -> Tensor:
+        tokens = torch.randint(3, VOCAB, (BATCH, length), generator=generator)
+        lengths = torch.randint(length // 2, length + 1, (BATCH, 1), generator=generator)
+        return tokens.masked_fill(torch.arange(length) >= lengths, PAD)
+
+    src, tgt = ids(SRC_LEN), ids(TGT_LEN + 1)
+    return src, tgt[:, :-1], tgt[:, 1:]
+
+
+def train_step_fn(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    src, tgt_in, tgt_out = batch
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(src, tgt_in)  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt_out.reshape(-1), ignore_index=PAD)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def mha_fn(module: nn.Module, x: Tensor, grad: Tensor, theirs: bool) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        out = module(x, x, x, need_weights=False)
+        out = out[0] if theirs else out  # PyTorch returns (output, None)
+        out.backward(grad)
+
+    return step
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+def transformer_train_flops(B: int, S: int, T: int, E: int, F_: int, V: int, n_enc: int, n_dec: int) -> int:
+    """Matmul FLOPs of one training step; a (m x k) @ (k x n) product costs 2·m·n·k forward and
+    3x that forward + backward (the backward pass computes two products of the same size).
+
+    Per encoder layer (N_s = B·S source tokens):
+        QKV projection 2·N_s·E·3E + output projection 2·N_s·E·E
+        + scores Q·Kᵀ 2·B·S·S·E + weights·V 2·B·S·S·E   (summed over heads: H·D = E)
+        + FFN 2·N_s·E·F + 2·N_s·F·E
+    Per decoder layer (N_t = B·T target tokens):
+        self-attention  2·N_t·E·3E + 2·N_t·E·E + 4·B·T·T·E   (the causal half is computed, then masked)
+        cross-attention 2·N_t·E·E (Q) + 2·N_s·E·2E (K, V of the memory) + 2·N_t·E·E (out) + 4·B·T·S·E
+        + FFN 4·N_t·E·F
+    Output layer 2·N_t·E·V. Embeddings, softmax, LayerNorm, Adam: not counted (not matmuls).
+    """
+    Ns, Nt = B * S, B * T
+    encoder = 2 * Ns * E * 3 * E + 2 * Ns * E * E + 4 * B * S * S * E + 4 * Ns * E * F_
+    decoder = (
+        2 * Nt * E * 3 * E + 2 * Nt * E * E + 4 * B * T * T * E
+        + 2 * Nt * E * E + 2 * Ns * E * 2 * E + 2 * Nt * E * E + 4 * B * T * S * E
+        + 4 * Nt * E * F_
+    )
+    forward = n_enc * encoder + n_dec * decoder + 2 * Nt * E * V
+    return 3 * forward
+
+
+def mha_fwd_bwd_flops(B: int, T: int, E: int) -> int:
+    """Self-attention forward + backward: 3 x (QKV 2·N·E·3E + out 2·N·E·E + scores/values 4·B·T·T·E)."""
+    N = B * T
+    return 3 * (2 * N * E * 3 * E + 2 * N * E * E + 4 * B * T * T * E)
+
+
+# -- timing -----------------------------------------------------------------------------------------
+def time_pair(ours: Callable[[], None], theirs: Callable[[], None], warmup: int, repeats: int):
+    """Median seconds per call of each, the two taking turns (and swapping who goes first)."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for r in range(repeats):
+        order = [("ours", ours), ("theirs", theirs)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["ours"]), statistics.median(times["theirs"])
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each side (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each side first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32; "
+          f"warm-up {args.warmup}, median of {args.repeats} alternating repeats")
+
+    peak = matmul_gflops()
+    print(f"fp32 matmul 2048x2048: {peak:.1f} GFLOP/s")
+
+    # (a) multi-head self-attention, forward + backward
+    torch.manual_seed(0)
+    ours_mha = MultiHeadAttention(D_MODEL, HEADS)
+    theirs_mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+    with torch.no_grad():  # the same weights on both sides
+        theirs_mha.in_proj_weight.copy_(torch.cat([ours_mha.w_q.weight, ours_mha.w_k.weight, ours_mha.w_v.weight]))
+        theirs_mha.in_proj_bias.copy_(torch.cat([ours_mha.w_q.bias, ours_mha.w_k.bias, ours_mha.w_v.bias]))
+        theirs_mha.out_proj.weight.copy_(ours_mha.w_o.weight)
+        theirs_mha.out_proj.bias.copy_(ours_mha.w_o.bias)
+    x = torch.randn(BATCH, SRC_LEN, D_MODEL, requires_grad=True)
+    grad = torch.randn(BATCH, SRC_LEN, D_MODEL)
+    ours_t, theirs_t = time_pair(
+        mha_fn(ours_mha, x, grad, theirs=False), mha_fn(theirs_mha, x, grad, theirs=True),
+        args.warmup, args.repeats,
+    )
+    flops = mha_fwd_bwd_flops(BATCH, SRC_LEN, D_MODEL)
+    print(f"\n(a) MultiHeadAttention fwd+bwd, self-attention, d_model {D_MODEL}, {HEADS} heads, "
+          f"batch {BATCH} x {SRC_LEN} tokens ({flops / 1e9:.2f} GFLOP)")
+    print(f"    attnlab {ours_t * 1e3:8.2f} ms   ({flops / ours_t / 1e9:6.1f} GFLOP/s)")
+    print(f"    PyTorch {theirs_t * 1e3:8.2f} ms   ({flops / theirs_t / 1e9:6.1f} GFLOP/s)")
+    print(f"    ratio attnlab/PyTorch: {ours_t / theirs_t:.3f}")
+
+    # (b) a full training step
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        VOCAB, VOCAB, d_model=D_MODEL, num_heads=HEADS, num_encoder_layers=LAYERS,
+        num_decoder_layers=LAYERS, d_ff=D_FF, dropout=DROPOUT, pad_id=PAD,
+    )
+    ours_model, theirs_model = Transformer(config), TorchSeq2Seq()
+    batch = random_batch(torch.Generator().manual_seed(0))
+    n_ours = sum(p.numel() for p in ours_model.parameters())
+    n_theirs = sum(p.numel() for p in theirs_model.parameters())
+    ours_t, theirs_t = time_pair(
+        train_step_fn(ours_model, batch), train_step_fn(theirs_model, batch), args.warmup, args.repeats
+    )
+    flops = transformer_train_flops(BATCH, SRC_LEN, TGT_LEN, D_MODEL, D_FF, VOCAB, LAYERS, LAYERS)
+    print(f"\n(b) training step (fwd, cross-entropy, bwd, Adam): d_model {D_MODEL}, {LAYERS}+{LAYERS} layers, "
+          f"{HEADS} heads, d_ff {D_FF}, dropout {DROPOUT}, vocab {VOCAB}, batch {BATCH} x {SRC_LEN}+{TGT_LEN} "
+          f"tokens ({flops / 1e9:.2f} GFLOP of matmuls)")
+    print(f"    attnlab {ours_t * 1e3:8.2f} ms   ({flops / ours_t / 1e9:6.1f} GFLOP/s, "
+          f"{flops / ours_t / 1e9 / peak:.0%} of matmul peak)   {n_ours / 1e6:.2f} M parameters")
+    print(f"    PyTorch {theirs_t * 1e3:8.2f} ms   ({flops / theirs_t / 1e9:6.1f} GFLOP/s, "
+          f"{flops / theirs_t / 1e9 / peak:.0%} of matmul peak)   {n_theirs / 1e6:.2f} M parameters")
+    print(f"    ratio attnlab/PyTorch: {ours_t / theirs_t:.3f}")
+
+
+if __name__ == "__main__":
+    main()

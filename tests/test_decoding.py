@@ -1,0 +1,172 @@
+"""Decoding: beam search against hand-computed scores, beam 1 == greedy, cached == uncached, sampling."""
+
+import math
+
+import pytest
+import torch
+
+from attnlab import Transformer, TransformerConfig, padding_mask
+from attnlab.decoding import Hypothesis, beam_search, greedy_search, length_penalty, sample
+from attnlab.translate import DecodeConfig, Translator, _MemoryState
+
+PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
+
+
+class Stateless:
+    """A decoding state for step functions that need none."""
+
+    def select(self, index):
+        return self
+
+
+def table_step(table):
+    """A step function whose next-token distribution depends only on the prefix after BOS.
+
+    Prefixes missing from the table (those of beams already at -inf) get a uniform distribution.
+    """
+
+    def step(prefix, state):
+        rows = []
+        for row in prefix.tolist():
+            probs = table.get(tuple(row[1:]), [0.2] * 5)
+            rows.append([math.log(p) if p > 0 else float("-inf") for p in probs])
+        return torch.tensor(rows), state
+
+    return step
+
+
+# Probabilities over (pad, bos, eos, a, b) after each prefix.
+TABLE = {
+    (): [0, 0, 0.1, 0.5, 0.4],
+    (A,): [0, 0, 0.3, 0.4, 0.3],
+    (B,): [0, 0, 0.9, 0.05, 0.05],
+    (A, A): [0, 0, 0.9, 0.05, 0.05],
+    (A, B): [0, 0, 0.9, 0.05, 0.05],
+    (B, A): [0, 0, 0.9, 0.05, 0.05],
+    (B, B): [0, 0, 0.9, 0.05, 0.05],
+}
+
+
+def test_greedy_follows_the_most_likely_token():
+    out = greedy_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5)
+    assert out == [[A, A]]  # 0.5 * 0.4 * 0.9 = 0.18
+
+
+def test_beam_search_matches_hand_computed_scores():
+    # Beam 2. Step 1 keeps a (0.5) and b (0.4); eos (0.1) ranks third, outside the top 2.
+    # Step 2: b+eos = 0.4*0.9 = 0.36 ranks first -> finished, length 2 (b, eos).
+    #         a+a = 0.2 and a+b = 0.15 stay alive (a+eos = 0.15 ranks 4th).
+    # Step 3: a,a+eos = 0.18 ranks first -> finished: two hypotheses, done.
+    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.6)
+    expected_b = math.log(0.36) / ((5 + 2) / 6) ** 0.6
+    assert hyps[0].tokens == [B]
+    assert hyps[0].score == pytest.approx(expected_b, abs=1e-6)
+    # With alpha = 0 the score is the plain log-probability.
+    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.0)
+    assert hyps == [Hypothesis([B], pytest.approx(math.log(0.36), abs=1e-6))]
+
+
+def test_length_penalty_favours_longer_hypotheses_as_alpha_grows():
+    # a,a (0.18, length 3) vs b (0.36, length 2): alpha decides which wins only through the penalty.
+    assert float(length_penalty(2, 0.6)) == pytest.approx((7 / 6) ** 0.6)
+    assert float(length_penalty(3, 0.0)) == 1.0
+
+
+def test_beam_one_is_greedy_on_the_table():
+    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=1)
+    assert [h.tokens for h in hyps] == greedy_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5)
+
+
+def test_max_len_forces_the_end():
+    looping = {(): [0, 0, 0.0, 1.0, 0.0]}
+    looping.update({(A,) * n: [0, 0, 0.0, 1.0, 0.0] for n in range(1, 6)})
+    assert greedy_search(table_step(looping), Stateless(), 1, BOS, EOS, max_len=3) == [[A, A]]
+    hyps = beam_search(table_step(looping), Stateless(), 1, BOS, EOS, max_len=3, beam_size=2)
+    assert hyps[0].tokens == [A, A]
+
+
+def test_bad_beam_size():
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=3, beam_size=0)
+
+
+@pytest.fixture(scope="module")
+def translator():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(src_vocab_size=40, tgt_vocab_size=40, d_model=32, num_heads=4,
+                            num_encoder_layers=2, num_decoder_layers=2, d_ff=64, dropout=0.0)
+    model = Transformer(cfg).eval()
+
+    class Ids:  # a vocabulary stand-in: only the special ids matter here
+        pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+    return Translator(model, Ids(), Ids())
+
+
+SOURCES = [[5, 6, 7, 8, EOS], [9, 10, EOS], [11, 12, 13, 14, 15, 16, EOS]]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_cached_decoding_gives_the_same_tokens(translator, beam):
+    cached = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, max_len_a=8))
+    uncached = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, max_len_a=8, use_cache=False))
+    assert cached == uncached
+    assert any(len(ids) > 2 for ids in cached)  # the comparison covered real multi-step decodes
+
+
+def test_cached_step_logits_equal_uncached(translator):
+    model = translator.model
+    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]])
+    mask = padding_mask(src, PAD)
+    memory = model.encode(src, mask)
+    cached_state, plain_state = model.start_decoding(memory, mask), _MemoryState(memory, mask)
+    prefix = torch.full((2, 1), BOS)
+    for _ in range(6):
+        cached, cached_state = translator._cached_step(prefix, cached_state)
+        plain, plain_state = translator._uncached_step(prefix, plain_state)
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+        prefix = torch.cat([prefix, plain.argmax(-1, keepdim=True)], dim=1)
+
+
+def test_beam_one_equals_greedy_on_a_model(translator):
+    greedy = translator.translate_ids(SOURCES, DecodeConfig(beam_size=1, max_len_a=8))
+    state = translator.model.start_decoding(*_encode(translator.model, SOURCES))
+    hyps = beam_search(translator._cached_step, state, len(SOURCES), BOS, EOS,
+                       torch.tensor([len(s) + 8 for s in SOURCES]), beam_size=1)
+    assert [h.tokens for h in hyps] == greedy
+
+
+def _encode(model, sources):
+    width = max(map(len, sources))
+    src = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
+    mask = padding_mask(src, PAD)
+    return model.encode(src, mask), mask
+
+
+def test_sampling_repeats_with_a_seed_and_respects_top_k():
+    def step(prefix, state):
+        return torch.log_softmax(torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0]] * prefix.size(0)), -1), state
+
+    prefix = torch.full((4, 1), BOS)
+    one = sample(step, Stateless(), prefix, 20, generator=torch.Generator().manual_seed(3))
+    two = sample(step, Stateless(), prefix, 20, generator=torch.Generator().manual_seed(3))
+    other = sample(step, Stateless(), prefix, 20, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(one, two) and not torch.equal(one, other)
+    top1 = sample(step, Stateless(), prefix, 10, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert (top1[:, 1:] == 4).all()
+    # top_p = 0.5: token 4 alone holds ~0.64 of the mass, so it is the only one left.
+    nucleus = sample(step, Stateless(), prefix, 10, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert (nucleus[:, 1:] == 4).all()
+    # A low temperature concentrates on the mode; a high one spreads out.
+    cold = sample(step, Stateless(), prefix, 50, temperature=0.05, generator=torch.Generator().manual_seed(1))
+    assert (cold[:, 1:] == 4).float().mean() > 0.99
+    hot = sample(step, Stateless(), prefix, 50, temperature=5.0, generator=torch.Generator().manual_seed(1))
+    assert (hot[:, 1:] == 4).float().mean() < 0.6
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p"),
+])
+def test_sampling_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(lambda p, s: (torch.zeros(1, 5), s), Stateless(), torch.ones(1, 1, dtype=torch.long), 1, **kwargs)
