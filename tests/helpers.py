@@ -15,6 +15,24 @@ from torch import Tensor, nn
 from attnlab import DecoderLayer, EncoderLayer, MultiHeadAttention
 
 
+def leaves(*shapes: tuple[int, ...], seed: int = 1, dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    """Random tensors of the given shapes that collect gradients (a seeded generator of their own)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, dtype=dtype, generator=generator).requires_grad_() for shape in shapes]
+
+
+def clones(*tensors: Tensor) -> list[Tensor]:
+    """Fresh leaf copies of ``tensors``, for feeding the same values to a second implementation."""
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def backward_both(out: Tensor, their_out: Tensor) -> None:
+    """Backpropagate one random upstream gradient through both outputs."""
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    their_out.backward(grad)
+
+
 def assert_digits(actual: Tensor, expected, decimals: int) -> None:
     """``actual`` rounded to ``decimals`` digits equals the printed ``expected`` digit for digit."""
     expected = torch.as_tensor(expected, dtype=torch.float64)

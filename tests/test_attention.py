@@ -15,7 +15,16 @@ from attnlab import (
     scaled_dot_product_attention,
     simple_self_attention,
 )
-from helpers import assert_digits, assert_grads_match, copy_to_torch, torch_attn_mask, torch_key_padding_mask
+from helpers import (
+    assert_digits,
+    assert_grads_match,
+    backward_both,
+    clones,
+    copy_to_torch,
+    leaves,
+    torch_attn_mask,
+    torch_key_padding_mask,
+)
 
 F64 = torch.float64
 
@@ -156,7 +165,7 @@ def _paths(q, k, v, mask):
     results = []
     g = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, generator=torch.Generator().manual_seed(1))
     for need_weights in (False, True):
-        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        qq, kk, vv = clones(q, k, v)
         out = scaled_dot_product_attention(qq, kk, vv, mask, need_weights=need_weights)
         out = out[0] if need_weights else out
         (out * g).sum().backward()
@@ -241,14 +250,9 @@ def _mha_pair(seed: int = 0) -> tuple[MultiHeadAttention, nn.MultiheadAttention]
     return ours, copy_to_torch(ours, theirs)
 
 
-def _leaves(*shapes, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, dtype=F64, generator=gen).requires_grad_() for s in shapes]
-
-
 def _compare_mha(ours, theirs, q, k, v, mask=None, *, key_padding_mask=None, attn_mask=None,
                  need_weights=False):
-    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    q2, k2, v2 = clones(q, k, v)
     if q is k is v:
         k2 = v2 = q2
     elif k is v:
@@ -261,9 +265,7 @@ def _compare_mha(ours, theirs, q, k, v, mask=None, *, key_padding_mask=None, att
     if need_weights:
         assert result[1].shape == expected[1].shape
         torch.testing.assert_close(result[1], expected[1])
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    (their_out * g).sum().backward()
+    backward_both(out, their_out)
     for ours_leaf, their_leaf in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(ours_leaf.grad, their_leaf.grad)
     assert_grads_match(ours, theirs)
@@ -272,21 +274,21 @@ def _compare_mha(ours, theirs, q, k, v, mask=None, *, key_padding_mask=None, att
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_mha_self_attention_matches_torch(need_weights):
     ours, theirs = _mha_pair()
-    (x,) = _leaves((2, 5, E))
+    (x,) = leaves((2, 5, E))
     _compare_mha(ours, theirs, x, x, x, need_weights=need_weights)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_mha_cross_attention_matches_torch(need_weights):
     ours, theirs = _mha_pair()
-    query, key, value = _leaves((2, 4, E), (2, 7, E), (2, 7, E))
+    query, key, value = leaves((2, 4, E), (2, 7, E), (2, 7, E))
     _compare_mha(ours, theirs, query, key, value, need_weights=need_weights)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_mha_with_padding_mask_matches_torch(need_weights):
     ours, theirs = _mha_pair()
-    query, memory = _leaves((2, 4, E), (2, 7, E))
+    query, memory = leaves((2, 4, E), (2, 7, E))
     tokens = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [3, 4, 5, 0, 0, 0, 0]])
     mask = padding_mask(tokens, pad_id=0)  # (B, 1, 1, S)
     _compare_mha(ours, theirs, query, memory, memory, mask,
@@ -296,21 +298,21 @@ def test_mha_with_padding_mask_matches_torch(need_weights):
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_mha_with_causal_mask_matches_torch(need_weights):
     ours, theirs = _mha_pair()
-    (x,) = _leaves((2, 6, E))
+    (x,) = leaves((2, 6, E))
     mask = causal_mask(6)
     _compare_mha(ours, theirs, x, x, x, mask, attn_mask=torch_attn_mask(mask), need_weights=need_weights)
 
 
 def test_mha_weights_have_one_map_per_head():
     ours, _ = _mha_pair()
-    query, memory = _leaves((2, 4, E), (2, 7, E))
+    query, memory = leaves((2, 4, E), (2, 7, E))
     out, weights = ours(query, memory, memory, need_weights=True)
     assert out.shape == (2, 4, E) and weights.shape == (2, HEADS, 4, 7)
 
 
 def test_mha_cached_self_attention_equals_full_self_attention():
     ours, _ = _mha_pair()
-    (x,) = _leaves((2, 5, E))
+    (x,) = leaves((2, 5, E))
     full, _, _ = ours.self_attention(x, causal_mask(5))
     out, kv, _ = ours.self_attention(x[:, :3], causal_mask(3))
     rest, kv, _ = ours.self_attention(x[:, 3:], causal_mask(2, 5), past=kv)

@@ -20,7 +20,10 @@ from attnlab import (
 )
 from helpers import (
     assert_grads_match,
+    backward_both,
+    clones,
     copy_to_torch,
+    leaves,
     randomize_norms_,
     torch_attn_mask,
     torch_key_padding_mask,
@@ -101,21 +104,6 @@ def test_add_norm_is_layernorm_of_the_residual_sum():
 E, HEADS, D_FF = 12, 3, 20
 
 
-def _leaves(*shapes, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, dtype=F64, generator=gen).requires_grad_() for s in shapes]
-
-
-def _clones(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def _backward_both(out, their_out):
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    (their_out * g).sum().backward()
-
-
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_matches_torch(norm_first):
     torch.manual_seed(0)
@@ -123,14 +111,14 @@ def test_encoder_layer_matches_torch(norm_first):
     theirs = nn.TransformerEncoderLayer(E, HEADS, D_FF, dropout=0.0, batch_first=True,
                                         norm_first=norm_first, dtype=F64)
     copy_to_torch(ours, theirs)
-    (x,) = _leaves((2, 6, E))
-    (x2,) = _clones(x)
+    (x,) = leaves((2, 6, E))
+    (x2,) = clones(x)
     mask = padding_mask(torch.tensor([[4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 0, 0]]), pad_id=0)  # (B, 1, 1, S)
 
     out = ours(x, mask)
     their_out = theirs(x2, src_key_padding_mask=torch_key_padding_mask(mask))
     torch.testing.assert_close(out, their_out)
-    _backward_both(out, their_out)
+    backward_both(out, their_out)
     torch.testing.assert_close(x.grad, x2.grad)
     assert_grads_match(ours, theirs)
 
@@ -142,8 +130,8 @@ def test_decoder_layer_matches_torch(norm_first):
     theirs = nn.TransformerDecoderLayer(E, HEADS, D_FF, dropout=0.0, batch_first=True,
                                         norm_first=norm_first, dtype=F64)
     copy_to_torch(ours, theirs)
-    x, memory = _leaves((2, 5, E), (2, 7, E))
-    x2, memory2 = _clones(x, memory)
+    x, memory = leaves((2, 5, E), (2, 7, E))
+    x2, memory2 = clones(x, memory)
     self_mask = causal_mask(5)  # (T, T)
     cross_mask = padding_mask(torch.tensor([[4, 5, 6, 7, 8, 9, 3], [4, 5, 6, 0, 0, 0, 0]]), pad_id=0)
 
@@ -151,7 +139,7 @@ def test_decoder_layer_matches_torch(norm_first):
     their_out = theirs(x2, memory2, tgt_mask=torch_attn_mask(self_mask),
                        memory_key_padding_mask=torch_key_padding_mask(cross_mask))
     torch.testing.assert_close(out, their_out)
-    _backward_both(out, their_out)
+    backward_both(out, their_out)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(memory.grad, memory2.grad)
     assert_grads_match(ours, theirs)
@@ -161,7 +149,7 @@ def test_decoder_layer_matches_torch(norm_first):
 def test_decoder_layer_run_with_a_cache_equals_forward(norm_first):
     torch.manual_seed(0)
     layer = DecoderLayer(E, HEADS, D_FF, dropout=0.0, norm_first=norm_first).double().eval()
-    x, memory = _leaves((2, 5, E), (2, 7, E))
+    x, memory = leaves((2, 5, E), (2, 7, E))
     full = layer(x, memory, causal_mask(5))
     memory_kv = layer.cross_attn.project_kv(memory, memory)
     past, steps = None, []

@@ -246,8 +246,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage mistake in one line on stderr (exit code 2), like every other error;
+    the full usage of ``attnlab train`` runs to some twenty lines and buries the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnlab", description="Build, train, inspect and run Transformer attention models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

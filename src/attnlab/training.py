@@ -256,6 +256,8 @@ def train(
     tokens_seen = info.get("tokens", 0) if info else 0
     train_seconds = info.get("train_seconds", 0.0) if info else 0.0
     stop_reason = None
+    if config.max_steps and step >= config.max_steps:  # resumed at or past the limit: take no step
+        stop_reason = f"reached max_steps={config.max_steps}"
     last_metrics: dict[str, float] = {}
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     wall_start, wall_before = time.perf_counter(), elapsed  # the time limit counts evaluations too

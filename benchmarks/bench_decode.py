@@ -1,0 +1,87 @@
+"""Cached against uncached decoding, measured in one run on the same machine.
+
+1. Translating the test_2016_flickr sentences with beam 4: KV cache vs re-running the decoder over
+   the whole prefix at every step (goal: cached >= 3x faster). Both must give the same output.
+2. Generating tokens from the character language model, cached vs uncached (goal: >= 5x).
+
+Usage (after training the two models, see README):
+    python benchmarks/bench_decode.py --translation runs/de-en --lm runs/shakespeare
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from attnlab.checkpoint import read_checkpoint_json, resolve_checkpoint
+from attnlab.corpus import load_multi30k
+from attnlab.lm import generate, load_language_model
+from attnlab.translate import DecodeConfig, load_translator
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def bench_translation(checkpoint: str, sentences: int, beam: int, batch_size: int) -> None:
+    translator = load_translator(checkpoint)
+    train = read_checkpoint_json(resolve_checkpoint(checkpoint), "config.json")["train"]
+    src_lang = train["src_lang"]
+    pairs = load_multi30k("test_2016_flickr", src_lang, train["tgt_lang"])[:sentences]
+    source = [s for s, _ in pairs]
+    print(f"translation: {len(source)} test_2016_flickr sentences {src_lang}->{train['tgt_lang']}, "
+          f"beam {beam}, batch {batch_size}")
+    results = {}
+    for use_cache in (True, False):
+        config = DecodeConfig(beam_size=beam, batch_size=batch_size, use_cache=use_cache)
+        results[use_cache] = timed(lambda: translator.translate(source, config))
+        out, seconds = results[use_cache]
+        print(f"  {'cached' if use_cache else 'uncached':9s} {seconds:8.1f} s  "
+              f"{len(source) / seconds:7.2f} sentences/s")
+    same = sum(a == b for a, b in zip(results[True][0], results[False][0]))
+    print(f"  identical translations: {same}/{len(source)}")
+    print(f"  speed-up cached/uncached: {results[False][1] / results[True][1]:.2f}x (goal >= 3x)")
+
+
+def bench_lm(checkpoint: str, tokens: int, prompt: str) -> None:
+    model, vocab = load_language_model(checkpoint)
+    ids = torch.tensor([vocab.encode(prompt)])
+    print(f"language model: {tokens} new tokens after {prompt!r}, context {model.config.max_len}")
+    outputs = {}
+    for use_cache in (True, False):
+        generate(model, ids, 20, seed=0, use_cache=use_cache)  # warm-up
+        outputs[use_cache] = timed(lambda: generate(model, ids, tokens, seed=0, use_cache=use_cache))
+        out, seconds = outputs[use_cache]
+        print(f"  {'cached' if use_cache else 'uncached':9s} {seconds:8.2f} s  {tokens / seconds:8.1f} tokens/s")
+    print(f"  identical text: {torch.equal(outputs[True][0], outputs[False][0])}")
+    print(f"  speed-up cached/uncached: {outputs[False][1] / outputs[True][1]:.2f}x (goal >= 5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--translation", default="runs/de-en", help="translation run or checkpoint")
+    parser.add_argument("--lm", default="runs/shakespeare", help="language-model run or checkpoint")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--prompt", default="ROMEO:")
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument("--skip", choices=["translation", "lm"], action="append", default=[])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with torch.inference_mode():
+        if "translation" not in args.skip:
+            bench_translation(args.translation, args.sentences, args.beam, args.batch_size)
+        if "lm" not in args.skip:
+            bench_lm(args.lm, args.tokens, args.prompt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The command line end to end: train a tiny model, translate (arguments, a file, stdin), evaluate,
+explain; and every bad input ends with exit code 2 and a one-line message, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.cli import main
+from attnlab.translate import DecodeConfig, Translator
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN_FLAGS = [
+    "--train-fraction", "0.01", "--vocab-size", "300", "--d-model", "32", "--num-heads", "2",
+    "--num-encoder-layers", "1", "--num-decoder-layers", "1", "--d-ff", "64", "--max-len", "64",
+    "--max-tokens", "400", "--warmup", "10", "--eval-sentences", "10", "--threads", "1",
+    "--max-steps", "6", "--eval-every", "3", "--average-last", "2", "--time-limit", "0",
+]
+SENTENCES = [
+    "Zwei Hunde spielen im Schnee.",
+    "Ein Mann.",
+    "Eine Frau mit rotem Hut liest.",
+    "Über die Brücke läuft ein Mädchen.",
+    "Kinder.",
+]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``attnlab argv`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def echo_translations(monkeypatch) -> None:
+    """Make every "translation" the source sentence itself (the ids, less EOS, decoded again).
+
+    With the shared vocabulary this shows, whatever a barely trained model says, that each output
+    line belongs to its input line, through the length sorting and batching of ``translate``.
+    """
+    monkeypatch.setattr(Translator, "translate_ids", lambda self, sources, config=DecodeConfig(): [s[:-1] for s in sources])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode on one thread: on a machine busy with other work, two threads made beam search 80x
+    slower (8 s against 0.1 s for one sentence). The test session gets its own count back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", *TRAIN_FLAGS])
+    assert code == 0, stdout.getvalue()
+    assert "summary: " in stdout.getvalue() and "stop_reason=reached max_steps=6" in stdout.getvalue()
+    return out
+
+
+def test_train_writes_a_run(run):
+    pointer = json.loads((run / "checkpoints.json").read_text())
+    assert pointer["last"] == "ckpt/step-0000006"
+    assert pointer["model"] in ("ckpt/averaged", "ckpt/step-0000003", "ckpt/step-0000006")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["preset"] == "tiny" and config["train"]["d_model"] == 32
+    assert config["train"]["max_steps"] == 6 and config["train"]["threads"] == 1
+
+
+# -- translate --------------------------------------------------------------------------------------
+def test_translate_a_sentence_argument(run, capsys):
+    code, out, err = cli(["translate", "--checkpoint", run, "Ein Hund rennt durch den Park."], capsys)
+    assert code == 0, err
+    assert out.count("\n") == 1
+
+
+def test_translate_a_file_keeps_lines_and_the_empty_one(run, tmp_path, capsys):
+    source = tmp_path / "in.de"
+    source.write_text("Ein Mann.\n\nZwei Hunde spielen im Schnee.\nEine Frau sitzt auf einer Bank.\n", encoding="utf-8")
+    code, out, err = cli(["translate", "--checkpoint", run, "--input", source, "--beam", "2"], capsys)
+    assert code == 0, err
+    lines = out.split("\n")
+    assert len(lines) == 5 and lines[-1] == ""  # four lines, each ended by a newline
+    assert lines[1] == ""
+
+
+def test_translate_a_file_keeps_the_order(run, tmp_path, capsys, monkeypatch):
+    echo_translations(monkeypatch)
+    lines = [SENTENCES[0], "", SENTENCES[1], SENTENCES[2], "   ", SENTENCES[3], SENTENCES[4]]
+    source = tmp_path / "in.de"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, err = cli(["translate", "--checkpoint", run, "--input", source, "--batch-size", "2"], capsys)
+    assert code == 0, err
+    assert out.split("\n")[:-1] == [line.strip() for line in lines]
+
+
+def test_translate_reads_stdin(run, capsys, monkeypatch):
+    echo_translations(monkeypatch)
+    for extra in ([], ["--input", "-"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(SENTENCES[:3]) + "\n"))
+        code, out, err = cli(["translate", "--checkpoint", run, "--batch-size", "1", *extra], capsys)
+        assert code == 0, err
+        assert out.split("\n")[:-1] == SENTENCES[:3]
+
+
+def test_translate_in_a_real_process_from_stdin(run):
+    result = subprocess.run(
+        [sys.executable, "-m", "attnlab", "translate", "--checkpoint", str(run), "--beam", "1"],
+        input="Ein Mann schläft.\n\nZwei Kinder spielen.\n", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+
+
+# -- evaluate and explain -------------------------------------------------------------------------
+def test_evaluate_prints_bleu_with_the_sacrebleu_signature(run, tmp_path, capsys):
+    output = tmp_path / "hyp.en"
+    code, out, err = cli(["evaluate", "--checkpoint", run, "--limit", "20", "--output", output], capsys)
+    assert code == 0, err
+    cased, lower, timing = out.splitlines()
+    signature = r"nrefs:1\|case:{}\|eff:no\|tok:13a\|smooth:exp\|version:\d+\.\d+\.\d+"
+    assert re.fullmatch(r"BLEU \(cased\) += +\d+\.\d\d +" + signature.format("mixed"), cased), cased
+    assert re.fullmatch(r"BLEU \(lowercased\) = +\d+\.\d\d +" + signature.format("lc"), lower), lower
+    assert timing.startswith("20 sentences in ") and timing.endswith("beam 4")
+    assert output.read_text(encoding="utf-8").count("\n") == 20
+
+
+def test_explain_simple_prints_the_spec_digits(capsys):
+    code, out, err = cli(["explain", "--example", "simple"], capsys)
+    assert code == 0, err
+    assert "[0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865]" in out  # scores, row 2
+    assert "[0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581]" in out  # weights, row 2
+    assert "[0.4419, 0.6515, 0.5683]" in out  # context vector of token 2
+
+
+# -- bad inputs -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "nope", "--out", "{tmp}/new"], "invalid choice: 'nope'"),
+        (["train", "--preset", "tiny", "--out", "{tmp}/new", "--max-tokens", "0"], "max_tokens must be positive, got 0"),
+        (["train", "--preset", "tiny", "--out", "{tmp}/new", "--dropout", "lots"], "invalid float value: 'lots'"),
+        (["train", "--preset", "tiny", "--out", "{run}"], "pass --resume"),
+        (["translate", "--checkpoint", "{tmp}/missing", "Hallo"], "does not exist"),
+        (["translate", "Hallo"], "required: --checkpoint"),
+        (["translate", "--checkpoint", "{tmp}", "Hallo"], "neither a checkpoint"),
+        (["translate", "--checkpoint", "{run}", "--beam", "0", "Hallo"], "beam_size must be >= 1"),
+        (["evaluate", "--checkpoint", "{tmp}/missing"], "does not exist"),
+        (["explain"], "give either --example"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_bad_input_gives_exit_code_2_and_one_line(argv, message, run, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, run=run) for a in argv]
+    code, _, err = cli(argv, capsys)
+    assert code == 2
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("attnlab") and "error: " in err and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # a refused run leaves nothing behind

@@ -1,0 +1,378 @@
+"""The training loop on the real Multi30k with a tiny model: schedule, batches, exact resume after a
+SIGKILL, data-parallel steps equal to one process's step, stopping rules, and the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from attnlab.checkpoint import read_checkpoint_json, resolve_checkpoint
+from attnlab.config import TrainConfig
+from attnlab.optim import cosine_lr, noam_lr
+from attnlab.presets import get_preset
+from attnlab.tasks import build_task
+from attnlab.training import World, learning_rate, setup_world, train, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The "tiny" preset shrunk to seconds: 1% of Multi30k (111 pairs within max_len 64 once the
+# 300-token vocabulary has split them), 18 batches an epoch, a 32k-parameter model.
+SMALL = dict(
+    train_fraction=0.01, vocab_size=300, d_model=32, num_heads=2, num_encoder_layers=1,
+    num_decoder_layers=1, d_ff=64, dropout=0.1, max_len=64, max_tokens=400, lr=0.5, warmup=10,
+    eval_sentences=10, time_limit=0.0, epochs=100, keep_last=3, average_last=0, threads=1,
+)
+BATCHES_PER_EPOCH = 18
+
+
+def small_config(**changes) -> TrainConfig:
+    return get_preset("tiny").override(**{**SMALL, **changes})
+
+
+def cli_flags(config: TrainConfig) -> list[str]:
+    """``attnlab train`` flags that turn the preset into ``config``."""
+    preset = get_preset(config.preset)
+    flags = []
+    for name, value in config.to_dict().items():
+        if name != "preset" and value != getattr(preset, name):
+            flags += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def last_state(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Weights, trainer tensors and trainer info of a run's 'last' checkpoint."""
+    last = resolve_checkpoint(run, "last")
+    info = read_checkpoint_json(last, "trainer.json")
+    return load_file(str(last / "model.safetensors")), load_file(str(last / "trainer.safetensors")), info
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """train() sets the process's thread count; give the rest of the test session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task(small_config())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short run stopped by max_steps, with evaluations mid-epoch and an averaged model."""
+    config = small_config(max_steps=8, eval_every=3, average_last=2)
+    out = tmp_path_factory.mktemp("runs") / "run"
+    summary = train(config, out, progress=False, echo=quiet)
+    return config, out, summary
+
+
+# -- the schedule and the batches -------------------------------------------------------------------
+def test_learning_rate_follows_the_configured_schedule():
+    noam = small_config(schedule="noam", d_model=32, warmup=10, lr=0.5)
+    for step in (1, 5, 10, 11, 40, 1000):
+        assert learning_rate(noam, step) == noam_lr(step, 32, 10, 0.5)
+    assert learning_rate(noam, 10) == pytest.approx(0.5 * (32 * 10) ** -0.5, rel=1e-12)
+    assert learning_rate(noam, 40) == pytest.approx(0.5 * (32 * 40) ** -0.5, rel=1e-12)
+
+    cosine = small_config(schedule="cosine", lr=1e-3, min_lr=1e-4, warmup=10, max_steps=110)
+    for step in (1, 10, 60, 110, 200):
+        assert learning_rate(cosine, step) == cosine_lr(step, 1e-3, 10, 110, 1e-4)
+    assert learning_rate(cosine, 10) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 60) == pytest.approx(5.5e-4)
+    assert learning_rate(cosine, 110) == pytest.approx(1e-4)
+    with pytest.raises(ValueError):
+        learning_rate(noam, 0)
+
+
+def test_batches_stay_within_max_tokens_for_the_real_lengths(task):
+    limit = task.config.max_tokens
+    for epoch in (0, 1):
+        batches = task.batches(epoch)
+        assert len(batches) == BATCHES_PER_EPOCH
+        assert sorted(i for b in batches for i in b) == list(range(len(task.train_src)))
+        for batch in batches:
+            src, tgt = task.to_tensors(batch, torch.device("cpu"))  # (B, S), (B, T + 1)
+            assert src.numel() <= limit  # what the encoder sees, padding included
+            assert tgt[:, :-1].numel() <= limit  # the decoder's input
+            assert tgt[:, 1:].numel() <= limit  # and the targets it predicts
+    assert task.batches(0) == task.batches(0)  # the same epoch always gives the same batches
+    assert task.batches(0) != task.batches(1)
+
+
+# -- exact resume -----------------------------------------------------------------------------------
+def test_a_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    """Run B is SIGKILLed after its first checkpoint (mid-epoch) and resumed; it must end bit-equal to
+    run A, which was never interrupted. Dropout is on, so the RNG state must be restored too."""
+    steps, every = 25, 5  # checkpoints at 5, 10, ... all mid-epoch; the resumed run crosses epoch 1's end
+    config = small_config(max_steps=steps, eval_every=every)
+    train(config, tmp_path / "a", progress=False, echo=quiet)
+
+    run_b = tmp_path / "b"
+    log = open(tmp_path / "b.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "attnlab", "train", "--preset", "tiny", "--out", str(run_b), "--no-progress",
+         *cli_flags(config)],
+        cwd=tmp_path, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            pointer = run_b / "checkpoints.json"  # replaced atomically: never read half-written
+            if pointer.exists() and json.loads(pointer.read_text()).get("last"):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        if process.poll() is None and process.returncode is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+        log.close()
+    output = (tmp_path / "b.log").read_text()
+    assert process.returncode == -signal.SIGKILL, f"run B was not killed mid-run:\n{output}"
+    _, _, killed_at = last_state(run_b)
+    assert every <= killed_at["step"] < steps and killed_at["batch"] != 0, killed_at  # a mid-epoch checkpoint
+
+    summary = train(config, run_b, resume=True, progress=False, echo=quiet)
+    assert summary["steps"] == steps
+
+    weights_a, trainer_a, info_a = last_state(tmp_path / "a")
+    weights_b, trainer_b, info_b = last_state(run_b)
+    assert info_a["step"] == info_b["step"] == steps
+    assert (info_a["epoch"], info_a["batch"]) == (info_b["epoch"], info_b["batch"]) == (1, steps - BATCHES_PER_EPOCH)
+    assert_same_tensors(weights_a, weights_b)
+    assert_same_tensors(trainer_a, trainer_b)  # Adam's moments and the RNG state as well
+
+
+def test_a_run_resumed_from_an_epoch_end_checkpoint_ends_with_the_same_weights(tmp_path):
+    config = small_config(epochs=2, eval_every=0)  # one checkpoint per epoch
+    train(config, tmp_path / "a", progress=False, echo=quiet)
+    train(config.override(epochs=1), tmp_path / "b", progress=False, echo=quiet)
+    _, _, stopped_at = last_state(tmp_path / "b")
+    assert (stopped_at["step"], stopped_at["epoch"], stopped_at["batch"]) == (BATCHES_PER_EPOCH, 1, 0)
+
+    train(config, tmp_path / "b", resume=True, progress=False, echo=quiet)
+    weights_a, trainer_a, info_a = last_state(tmp_path / "a")
+    weights_b, trainer_b, info_b = last_state(tmp_path / "b")
+    assert info_a["step"] == info_b["step"] == 2 * BATCHES_PER_EPOCH
+    assert_same_tensors(weights_a, weights_b)
+    assert_same_tensors(trainer_a, trainer_b)
+
+
+def test_resume_takes_settings_from_the_checkpoint_and_length_from_the_caller(tmp_path):
+    first = small_config(max_steps=3, eval_every=3)
+    train(first, tmp_path, progress=False, echo=quiet)
+    # the model settings passed here are ignored (the run's own are used); max_steps is taken
+    summary = train(first.override(max_steps=5, d_model=64), tmp_path, resume=True, progress=False, echo=quiet)
+    assert summary["steps"] == 5
+    saved = TrainConfig.from_dict(read_checkpoint_json(resolve_checkpoint(tmp_path, "last"), "config.json")["train"])
+    assert saved == first.override(max_steps=5)
+
+
+def test_resuming_a_run_that_reached_max_steps_takes_no_step(tmp_path):
+    config = small_config(max_steps=3, eval_every=3)
+    train(config, tmp_path, progress=False, echo=quiet)
+    before, _, _ = last_state(tmp_path)
+    summary = train(config, tmp_path, resume=True, progress=False, echo=quiet)
+    assert summary["steps"] == 3
+    assert summary["stop_reason"] == "reached max_steps=3"
+    after, _, info = last_state(tmp_path)
+    assert info["step"] == 3
+    assert_same_tensors(before, after)
+
+
+def test_starting_over_an_existing_run_asks_for_resume(finished_run):
+    config, out, _ = finished_run
+    before = (out / "checkpoints.json").read_text()
+    with pytest.raises(ValueError, match="--resume"):
+        train(config, out, progress=False, echo=quiet)
+    assert (out / "checkpoints.json").read_text() == before
+
+
+def test_resume_without_a_run_raises(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        train(small_config(max_steps=1), tmp_path / "none", resume=True, progress=False, echo=quiet)
+
+
+# -- data parallel ----------------------------------------------------------------------------------
+DDP_LR = 1.0  # SGD on gradients clipped to norm 1: steps of about 1e-3 per weight
+
+
+def _two_batches(task) -> list[list[int]]:
+    """Two training batches with different shapes and different target token counts."""
+    batches = task.batches(0)
+    tokens = [int(task.to_tensors(b, torch.device("cpu"))[1][:, 1:].ne(task.pad_id).sum()) for b in batches]
+    shapes = [tuple(task.to_tensors(b, torch.device("cpu"))[1].shape) for b in batches]
+    first = 0
+    second = next(i for i in range(1, len(batches)) if tokens[i] != tokens[first] and shapes[i] != shapes[first])
+    return [batches[first], batches[second]]
+
+
+def _fresh_model_and_optimizer(task, config):
+    """The same initial weights in every process, and plain SGD.
+
+    Not Adam: its first step is lr · g / |g|, which turns rounding noise in a gradient that is zero
+    in exact arithmetic (the attention key bias: softmax ignores a constant added to a row of
+    scores) into a full ±lr step. SGD shows the gradients themselves agree.
+    """
+    torch.manual_seed(1234)
+    model = task.build_model()
+    return model, torch.optim.SGD(model.parameters(), lr=0.0)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, config: dict, out: str) -> None:
+    """One of two CPU processes: a DistributedDataParallel step on this rank's batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = TrainConfig.from_dict(config)
+    world = setup_world(torch.device("cpu"))
+    assert world == World(rank, world_size)
+    try:
+        task = build_task(config)
+        model, optimizer = _fresh_model_and_optimizer(task, config)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        tensors = task.to_tensors(_two_batches(task)[rank], torch.device("cpu"))
+        loss, n_tgt, _ = train_step(ddp, optimizer, task, tensors, DDP_LR, config, world)
+        torch.save({"state": {k: v.clone() for k, v in model.state_dict().items()}, "loss": loss,
+                    "tokens": n_tgt}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_take_the_step_one_process_takes_on_the_union(tmp_path):
+    config = small_config(dropout=0.0)
+    task = build_task(config)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), config.to_dict(), str(tmp_path)), nprocs=2)
+
+    model, optimizer = _fresh_model_and_optimizer(task, config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first, second = _two_batches(task)
+    union = task.to_tensors(first + second, torch.device("cpu"))  # both batches' rows, padded together
+    loss, n_tgt, _ = train_step(model, optimizer, task, union, DDP_LR, config)
+
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["tokens"] == n_tgt  # every rank reports the global batch's tokens
+        assert result["loss"] == pytest.approx(loss, rel=1e-5)
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(result["state"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    moved = max(float((model.state_dict()[k] - v).abs().max()) for k, v in before.items())
+    assert moved > 100 * 1e-6  # the step is far larger than the tolerance
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_two_processes(tmp_path):
+    out = tmp_path / "run"
+    config = small_config(max_steps=2, eval_every=0, average_last=0)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "attnlab", "train", "--preset", "tiny",
+               "--out", str(out), "--no-progress", *cli_flags(config)]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 processes" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["stop_reason"] == "reached max_steps=2"
+    assert read_checkpoint_json(resolve_checkpoint(out, "last"), "trainer.json")["step"] == 2
+
+
+# -- stopping -----------------------------------------------------------------------------------------
+def test_max_steps_stops_the_run(finished_run):
+    _, out, summary = finished_run
+    assert summary["steps"] == 8
+    assert summary["stop_reason"] == "reached max_steps=8"
+    assert read_checkpoint_json(resolve_checkpoint(out, "last"), "trainer.json")["step"] == 8
+
+
+def test_patience_stops_early(tmp_path):
+    # An untrained model's greedy BLEU on 10 sentences stays 0.0: the first evaluation sets the best,
+    # the next two do not improve on it, and patience 2 stops the run at the third.
+    config = small_config(eval_every=2, patience=2, max_steps=40)
+    summary = train(config, tmp_path, progress=False, echo=quiet)
+    assert summary["stop_reason"] == "no improvement in 2 evaluations"
+    assert summary["steps"] == 6
+    evals = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [row["val_bleu"] for row in evals if row["event"] == "eval"] == [0.0, 0.0, 0.0]
+
+
+def test_time_limit_stops_the_run(tmp_path):
+    config = small_config(time_limit=0.0005, max_steps=1000)  # 30 ms of training
+    summary = train(config, tmp_path, progress=False, echo=quiet)
+    assert summary["stop_reason"] == "reached the time limit of 0.0005 minutes"
+    assert 1 <= summary["steps"] < 1000
+    assert read_checkpoint_json(resolve_checkpoint(tmp_path, "last"), "trainer.json")["step"] == summary["steps"]
+
+
+def test_epochs_end_the_run_with_one_evaluation_each(tmp_path):
+    summary = train(small_config(epochs=2), tmp_path, progress=False, echo=quiet)
+    assert summary["stop_reason"] == "finished 2 epochs"
+    assert summary["steps"] == 2 * BATCHES_PER_EPOCH and summary["epochs_completed"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [BATCHES_PER_EPOCH, 2 * BATCHES_PER_EPOCH]
+
+
+# -- the run directory --------------------------------------------------------------------------------
+def test_the_log_the_plot_and_the_summary(finished_run):
+    _, out, summary = finished_run
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 8]
+    for row in evals:
+        assert {"epoch", "lr", "train_loss", "val_loss", "val_ppl", "val_bleu", "tokens_per_s"} <= row.keys()
+        assert row["lr"] == learning_rate(finished_run[0], row["step"])
+        assert row["train_loss"] > 0 and row["val_loss"] > 0
+    (average,) = [r for r in rows if r["event"] == "average"]
+    assert average["checkpoints"] == ["step-0000006", "step-0000008"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["model"] in ("ckpt/averaged", "ckpt/step-0000003", "ckpt/step-0000006", "ckpt/step-0000008")
+    assert resolve_checkpoint(out) == out / summary["model"]
+
+
+def test_every_checkpoint_stores_the_train_config(finished_run, task):
+    config, out, _ = finished_run
+    checkpoints = sorted(p.name for p in (out / "ckpt").iterdir())
+    assert checkpoints == ["averaged", "step-0000003", "step-0000006", "step-0000008"]  # keep_last=3
+    for directory in [out] + [out / "ckpt" / name for name in checkpoints]:
+        saved = read_checkpoint_json(directory, "config.json")
+        assert saved["kind"] == "translation"
+        assert TrainConfig.from_dict(saved["train"]) == config
+        assert saved["model"] == task.model_config().to_dict()
+    pointer = json.loads((out / "checkpoints.json").read_text())
+    assert pointer["last"] == "ckpt/step-0000008"
+    assert [h["checkpoint"] for h in pointer["history"]] == ["ckpt/step-0000003", "ckpt/step-0000006", "ckpt/step-0000008"]
