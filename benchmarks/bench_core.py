@@ -26,6 +26,10 @@ import statistics
 import time
 from typing import Callable
 
+# attnlab's own default, set here because torch is imported first: spinning OpenMP waits make both
+# sides several times slower, and noisier, on a machine whose cores are busy with other work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -173,7 +177,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"warm-up {args.warmup}, median of {args.repeats} alternating repeats")
 
     peak = matmul_gflops()

@@ -85,6 +85,22 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (slow; for comparison)")
     p.add_argument("--device", default="cpu")
+    _add_threads_flag(p)
+
+
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: all cores; 1 is faster on a machine busy with other work)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
 
 def _decode_config(args: argparse.Namespace):
@@ -114,7 +130,8 @@ def _translate(args: argparse.Namespace) -> int:
 
         lines = read_lines(args.input)
     else:
-        lines = [line.rstrip("\n") for line in sys.stdin]
+        lines = [line.strip() for line in sys.stdin]  # as read_lines does for files
+    _set_threads(args)
     translator = load_translator(args.checkpoint, args.device)
     for line in translator.translate(lines, _decode_config(args)):
         print(line)
@@ -134,6 +151,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
+    _set_threads(args)
     result = evaluate_checkpoint(args.checkpoint, args.split, _decode_config(args), device=args.device,
                                  data_dir=args.data_dir, limit=args.limit, output=args.output)
     print(f"BLEU (cased)      = {result['bleu']:.2f}   {result['signature']}")
@@ -156,6 +174,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="folder for the PNGs and report.html (default: explain/ in the run)")
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    _add_threads_flag(p)
 
 
 @command("explain")
@@ -172,6 +191,7 @@ def _explain(args: argparse.Namespace) -> int:
     from .explain import explain_translation
     from .translate import DecodeConfig, load_translator
 
+    _set_threads(args)
     translator = load_translator(args.checkpoint, args.device)
     config = DecodeConfig(beam_size=args.beam)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "explain"
@@ -214,6 +234,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="repeatable output")
     p.add_argument("--no-cache", action="store_true", help="re-read the context at every step (slow)")
     p.add_argument("--device", default="cpu")
+    _add_threads_flag(p)
 
 
 @command("generate")
@@ -222,6 +243,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .lm import generate, load_language_model
 
+    _set_threads(args)
     model, vocab = load_language_model(args.checkpoint, args.device)
     ids = vocab.encode(args.prompt)
     if not ids:
@@ -271,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"attnlab {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`attnlab ... | head`): stop quietly
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"attnlab {args.command}: interrupted", file=sys.stderr)
         return 130

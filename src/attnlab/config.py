@@ -77,6 +77,8 @@ class TrainConfig:
         for name in ("max_tokens", "batch_size", "context", "vocab_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.schedule == "cosine" and self.max_steps < 1:
+            raise ValueError("the cosine schedule decays over max_steps: set max_steps (its length)")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 step, got {self.warmup}")
         if self.device not in ("auto", "cpu", "cuda"):

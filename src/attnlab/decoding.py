@@ -5,7 +5,7 @@ A step function ``step(prefix, state) -> (log_probs, state)`` takes the tokens g
 the new state. The state may be anything with ``select(index)`` that keeps/reorders batch rows
 (``attnlab.model.DecoderState`` does); a cached step uses only ``prefix[:, -1:]``, an uncached one
 re-reads the whole prefix. Nothing here knows which: that is how cached and uncached decoding are
-compared.
+compared. Decoding never needs gradients: these functions run under ``torch.no_grad()``.
 
 Shape legend: B sentences, K beams, N rows (B or B·K), t tokens so far, V vocab size.
 """
@@ -36,6 +36,7 @@ def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tens
     return lengths
 
 
+@torch.no_grad()
 def greedy_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
     pad_id: int = 0, device: torch.device | str = "cpu",
@@ -74,6 +75,7 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
     return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
 
 
+@torch.no_grad()
 def beam_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
     beam_size: int = 4, alpha: float = 0.6, device: torch.device | str = "cpu",
@@ -145,6 +147,7 @@ def beam_search(
     return [Hypothesis(*max(finished[b], key=lambda item: item[0])[::-1]) for b in range(B)]
 
 
+@torch.no_grad()
 def sample(
     step: StepFn, state: Any, prefix: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,

@@ -85,8 +85,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     """The schedule's rate at ``step`` (counted from 1)."""
     if config.schedule == "noam":
         return noam_lr(step, config.d_model, config.warmup, config.lr)
-    total = config.max_steps or config.warmup + 1
-    return cosine_lr(step, config.lr, config.warmup, total, config.min_lr)
+    return cosine_lr(step, config.lr, config.warmup, config.max_steps, config.min_lr)
 
 
 def train_step(
