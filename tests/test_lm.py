@@ -84,3 +84,21 @@ def test_language_model_config_errors():
         LanguageModelConfig(vocab_size=10, d_model=30, num_heads=4)
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="poetry")
+
+
+def test_beam_search_over_the_language_model_is_the_same_cached_or_not(lm):
+    from attnlab.decoding import beam_search
+
+    # Beam search over a language model: continue a prompt; token 2 plays EOS.
+    prompt = torch.tensor([[5, 6, 7]])
+
+    def prompted(step):
+        def run(prefix, window):  # the search's prefix starts with its BOS: swap in the prompt
+            return step(torch.cat([prompt.expand(prefix.size(0), -1), prefix[:, 1:]], dim=1), window)
+        return run
+
+    kwargs = dict(batch_size=1, bos_id=7, eos_id=2, max_len=30, beam_size=3)
+    cached = beam_search(prompted(_cached_step(lm, keep=8)), _Window(0, None), **kwargs)
+    plain = beam_search(prompted(_uncached_step(lm, keep=8)), _Window(0, None), **kwargs)
+    assert [h.tokens for h in cached] == [h.tokens for h in plain]
+    assert cached[0].score == pytest.approx(plain[0].score, abs=1e-5)

@@ -29,8 +29,30 @@ __all__ = [
 ]
 
 
+class _ModelConfig:
+    """What both model configs share: checks of their sizes, and conversion to and from JSON dicts."""
+
+    def _check(self, positive: tuple[str, ...]) -> None:
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(_ModelConfig):
     """Sizes and switches of an encoder-decoder Transformer. Defaults are the paper's base model."""
 
     src_vocab_size: int
@@ -47,15 +69,7 @@ class TransformerConfig:
     pad_id: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.num_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check(("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"))
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 "share_embeddings needs one shared vocabulary, but src_vocab_size="
@@ -63,13 +77,6 @@ class TransformerConfig:
             )
         if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
             raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
-        return cls(**data)
 
 
 class TokenEmbedding(nn.Module):
@@ -242,7 +249,7 @@ class Transformer(nn.Module):
 
 
 @dataclass(frozen=True)
-class LanguageModelConfig:
+class LanguageModelConfig(_ModelConfig):
     """Sizes of a decoder-only (GPT-style) language model. ``max_len`` is its context window."""
 
     vocab_size: int
@@ -257,22 +264,7 @@ class LanguageModelConfig:
     pad_id: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.num_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LanguageModelConfig":
-        return cls(**data)
+        self._check(("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"))
 
 
 class LMState(NamedTuple):
