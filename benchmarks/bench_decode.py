@@ -48,16 +48,18 @@ def bench_translation(checkpoint: str, sentences: int, beam: int, batch_size: in
     print(f"  speed-up cached/uncached: {results[False][1] / results[True][1]:.2f}x (goal >= 3x)")
 
 
-def bench_lm(checkpoint: str, tokens: int, prompt: str) -> None:
+def bench_lm(checkpoint: str, tokens: int, prompt: str, batch: int) -> None:
     model, vocab = load_language_model(checkpoint)
-    ids = torch.tensor([vocab.encode(prompt)])
-    print(f"language model: {tokens} new tokens after {prompt!r}, context {model.config.max_len}")
+    ids = torch.tensor([vocab.encode(prompt)] * batch)
+    print(f"language model: {tokens} new tokens after {prompt!r}, {batch} sample(s) at once, "
+          f"context {model.config.max_len}")
     outputs = {}
     for use_cache in (True, False):
         generate(model, ids, 20, seed=0, use_cache=use_cache)  # warm-up
         outputs[use_cache] = timed(lambda: generate(model, ids, tokens, seed=0, use_cache=use_cache))
         out, seconds = outputs[use_cache]
-        print(f"  {'cached' if use_cache else 'uncached':9s} {seconds:8.2f} s  {tokens / seconds:8.1f} tokens/s")
+        print(f"  {'cached' if use_cache else 'uncached':9s} {seconds:8.2f} s  "
+              f"{batch * tokens / seconds:8.1f} tokens/s")
     print(f"  identical text: {torch.equal(outputs[True][0], outputs[False][0])}")
     print(f"  speed-up cached/uncached: {outputs[False][1] / outputs[True][1]:.2f}x (goal >= 5x)")
 
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=500)
     parser.add_argument("--prompt", default="ROMEO:")
+    parser.add_argument("--lm-batch", type=int, action="append",
+                        help="samples generated at once (repeatable; default: 1)")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--skip", choices=["translation", "lm"], action="append", default=[])
     args = parser.parse_args()
@@ -80,7 +84,8 @@ def main() -> None:
         if "translation" not in args.skip:
             bench_translation(args.translation, args.sentences, args.beam, args.batch_size)
         if "lm" not in args.skip:
-            bench_lm(args.lm, args.tokens, args.prompt)
+            for batch in args.lm_batch or [1]:
+                bench_lm(args.lm, args.tokens, args.prompt, batch)
 
 
 if __name__ == "__main__":

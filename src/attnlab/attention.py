@@ -275,15 +275,19 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor, KV, Tensor | None]:
         """Self-attention of ``x`` (B, T, E), with an optional cache ``past`` of earlier positions.
 
-        Q, K and V come from one matrix product. Returns (out, present, weights|None) where
-        ``present`` is the cache grown by these T positions.
+        Q, K and V come from one matrix product over all positions; an incremental step (a cache
+        and one new position) uses three small products instead, which is cheaper than joining the
+        weights. Returns (out, present, weights|None), ``present`` being the cache grown by T.
         """
         self._check_features("input", x)
-        w = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight])  # (3E, E)
-        b = None
-        if self.w_q.bias is not None:
-            b = torch.cat([self.w_q.bias, self.w_k.bias, self.w_v.bias])  # (3E,)
-        q, k, v = F.linear(x, w, b).split(self.d_model, dim=-1)  # (B, T, E) each
+        if past is not None and x.size(1) == 1:
+            q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (B, 1, E) each
+        else:
+            w = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight])  # (3E, E)
+            b = None
+            if self.w_q.bias is not None:
+                b = torch.cat([self.w_q.bias, self.w_k.bias, self.w_v.bias])  # (3E,)
+            q, k, v = F.linear(x, w, b).split(self.d_model, dim=-1)  # (B, T, E) each
         present = KV(self._split_heads(k), self._split_heads(v))
         if past is not None:
             present = past.extend(present)

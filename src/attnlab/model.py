@@ -99,6 +99,13 @@ class TokenEmbedding(nn.Module):
         return self.embedding(tokens) * self.scale
 
 
+def _step_mask(T_new: int, cached: int, device: torch.device) -> Tensor | None:
+    """Causal mask of T_new new positions after ``cached`` ones; one new position sees them all."""
+    if T_new == 1:
+        return None
+    return causal_mask(T_new, cached + T_new, device=device)  # (T_new, cached + T_new)
+
+
 class DecoderState(NamedTuple):
     """What incremental decoding carries from step to step, as a value (never stored on modules)."""
 
@@ -218,8 +225,7 @@ class Transformer(nn.Module):
         asked). Equal to ``decode`` over the whole prefix, at a fraction of the cost.
         """
         _check_token_ids(tgt, "tgt")
-        T_new = tgt.size(1)
-        self_mask = causal_mask(T_new, state.length + T_new, device=tgt.device)  # (T_new, t + T_new)
+        self_mask = _step_mask(tgt.size(1), state.length, tgt.device)
         logits, new_state, weights = self._decode_layers(tgt, state, self_mask, need_weights, keep_cache=True)
         return (logits, new_state, weights) if need_weights else (logits, new_state)
 
@@ -326,7 +332,7 @@ class DecoderOnlyTransformer(nn.Module):
     ) -> tuple[Tensor, LMState, list[Tensor]]:
         _check_token_ids(tokens, "tokens")
         T = tokens.size(1)
-        mask = causal_mask(T, state.length + T, device=tokens.device)  # (T, t + T)
+        mask = _step_mask(T, state.length, tokens.device)
         x = self.positional(self.embed(tokens), start=state.length)  # (B, T, E)
         pasts = state.self_kv or (None,) * len(self.layers)
         new_kv, weights = [], []
