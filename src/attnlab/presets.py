@@ -20,11 +20,13 @@ _MULTI30K = dict(
 PRESETS: dict[str, TrainConfig] = {
     "multi30k-de-en": TrainConfig(preset="multi30k-de-en", src_lang="de", tgt_lang="en", **_MULTI30K),
     "multi30k-en-fr": TrainConfig(preset="multi30k-en-fr", src_lang="en", tgt_lang="fr", **_MULTI30K),
-    # The demo: a small model on a quarter of Multi30k de-en that trains in a few minutes.
+    # The demo: a small de-en model that trains in 6 minutes. All the data beats a quarter of it
+    # seen more often (validation BLEU 27.0 against 8.0 in 6 minutes on one core); the peak
+    # rate is 0.4 * 128^-0.5 * 300^-0.5 = 2.0e-3 (factor 2.0 peaked at 1.0e-2 and stalled).
     "tiny": TrainConfig(
-        preset="tiny", src_lang="de", tgt_lang="en", train_fraction=0.25, vocab_size=2000,
+        preset="tiny", src_lang="de", tgt_lang="en", train_fraction=1.0, vocab_size=4000,
         d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, d_ff=256,
-        dropout=0.1, max_tokens=2048, schedule="noam", lr=2.0, warmup=300, time_limit=6.0,
+        dropout=0.1, max_tokens=2048, schedule="noam", lr=0.4, warmup=300, time_limit=6.0,
         epochs=30, eval_sentences=200, keep_last=3, average_last=3,
     ),
     # Character-level tiny Shakespeare, the known nanoGPT CPU configuration.
