@@ -79,6 +79,15 @@ class TransformerConfig(_ModelConfig):
             raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary")
 
 
+def _init_weights(model: nn.Module) -> None:
+    """Xavier-uniform matrices and zero biases; embeddings keep TokenEmbedding's own N(0, 1/d)."""
+    for name, p in model.named_parameters():
+        if p.dim() > 1 and "embed" not in name:
+            nn.init.xavier_uniform_(p)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
 class TokenEmbedding(nn.Module):
     """Token ids to vectors, scaled by √d_model as in the paper. Shape: (B, T) -> (B, T, E)."""
 
@@ -158,16 +167,9 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
         self.output = nn.Linear(c.d_model, c.tgt_vocab_size)
-        self._init_weights()
+        _init_weights(self)
         if c.share_embeddings:
             self.output.weight = self.tgt_embed.embedding.weight
-
-    def _init_weights(self) -> None:
-        for name, p in self.named_parameters():
-            if p.dim() > 1 and "embed" not in name:
-                nn.init.xavier_uniform_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
 
     # -- encoder ---------------------------------------------------------------------------
     def encode(
@@ -305,11 +307,7 @@ class DecoderOnlyTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
         self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        for name, p in self.named_parameters():
-            if p.dim() > 1 and "embed" not in name:
-                nn.init.xavier_uniform_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        _init_weights(self)
         if c.tie_embeddings:
             self.output.weight = self.embed.embedding.weight
 
