@@ -92,7 +92,9 @@ def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, tensors: tuple[Tensor, ...],
     lr: float, config: TrainConfig, world: World = World(),
 ) -> tuple[float, int, int]:
-    """One optimisation step on one batch. Returns (mean loss per target token, target, source tokens).
+    """One optimisation step on one batch.
+
+    Returns (mean loss per target token, target tokens, source tokens), all over the global batch.
 
     The loss is divided by the target tokens of the *global* batch (summed over processes) and
     multiplied by the world size, because DistributedDataParallel averages gradients.
@@ -100,12 +102,11 @@ def train_step(
     device = tensors[0].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
         loss_sum, n_tokens, n_src = task.loss(model, tensors)
-    global_tokens = n_tokens.detach().clone().float()
-    global_loss = loss_sum.detach().clone().float()
+    stats = torch.stack([n_tokens.detach().float(), loss_sum.detach().float(),
+                         torch.tensor(float(n_src), device=device)])
     if world.size > 1:
-        stats = torch.stack([global_tokens, global_loss])
         dist.all_reduce(stats)
-        global_tokens, global_loss = stats[0], stats[1]
+    global_tokens, global_loss, global_src = stats[0], stats[1], int(stats[2])
     (loss_sum * world.size / global_tokens.clamp(min=1)).backward()
     if config.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -113,7 +114,7 @@ def train_step(
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(global_loss / global_tokens.clamp(min=1)), int(global_tokens), n_src
+    return float(global_loss / global_tokens.clamp(min=1)), int(global_tokens), global_src
 
 
 # -- trainer state in tensors and JSON (never pickled) -------------------------------------------
@@ -257,13 +258,12 @@ def train(
     stop_reason = None
     if config.max_steps and step >= config.max_steps:  # resumed at or past the limit: take no step
         stop_reason = f"reached max_steps={config.max_steps}"
-    last_metrics: dict[str, float] = {}
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     wall_start, wall_before = time.perf_counter(), elapsed  # the time limit counts evaluations too
 
     def evaluate_and_save() -> bool:
         """Evaluate, checkpoint, log on the main process; returns whether to stop early."""
-        nonlocal best, stale, last_metrics, window_loss, window_steps, window_tokens, window_start
+        nonlocal best, stale, window_loss, window_steps, window_tokens, window_start
         stop = False
         if world.is_main:
             now = time.perf_counter()
@@ -286,7 +286,6 @@ def train(
                      "stale": stale, "tokens": tokens_seen, "train_seconds": train_seconds, "metrics": metrics}
             run.save(name, model, _trainer_tensors(model, optimizer), state)
             run.record(name, metrics, improved)
-            last_metrics = metrics
             stop = bool(config.patience and stale >= config.patience)
             window_loss, window_steps, window_tokens = 0.0, 0, 0
             window_start = time.perf_counter()
@@ -306,12 +305,13 @@ def train(
             position += 1
             seconds = time.perf_counter() - started
             elapsed = wall_before + time.perf_counter() - wall_start
-            tokens_seen += n_tgt + n_src * world.size
+            batch_tokens = n_tgt + n_src  # source and target, all processes
+            tokens_seen += batch_tokens
             train_seconds += seconds
-            window_loss, window_steps, window_tokens = window_loss + loss, window_steps + 1, window_tokens + n_tgt + n_src * world.size
+            window_loss, window_steps, window_tokens = window_loss + loss, window_steps + 1, window_tokens + batch_tokens
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(n_tgt + n_src * world.size) / seconds:,.0f}",
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{batch_tokens / seconds:,.0f}",
                                 lr=f"{learning_rate(config, step):.2e}", refresh=False)
             if config.max_steps and step >= config.max_steps:
                 stop_reason = f"reached max_steps={config.max_steps}"
