@@ -11,7 +11,6 @@ Shape legend: B batch, T context length, V vocab size.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +24,7 @@ from .corpus import default_data_dir
 from .decoding import sample
 from .losses import label_smoothed_loss
 from .model import DecoderOnlyTransformer, LanguageModelConfig, LMState
-from .vocab import BaseVocab, CharVocab, vocab_from_json
+from .vocab import BaseVocab, CharVocab, vocabs_from_dict, vocabs_to_dict
 
 __all__ = ["LanguageModelTask", "load_language_model", "generate", "shakespeare_text"]
 
@@ -47,7 +46,7 @@ class LanguageModelTask:
     def __init__(self, config: TrainConfig, vocab: dict[str, Any] | None = None) -> None:
         self.config = config
         text = shakespeare_text(config.data_dir or None)
-        self.vocab: BaseVocab = CharVocab.build(text) if vocab is None else vocab_from_json(json.dumps(vocab["src"]))
+        self.vocab: BaseVocab = CharVocab.build(text) if vocab is None else vocabs_from_dict(vocab)[0]
         ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
         split = int(0.9 * len(ids))
         self.train_ids, self.val_ids = ids[:split], ids[split:]
@@ -55,7 +54,7 @@ class LanguageModelTask:
             raise ValueError(f"the training text is shorter than one context of {config.context} tokens")
 
     def vocab_json(self) -> dict[str, Any]:
-        return {"src": json.loads(self.vocab.to_json())}
+        return vocabs_to_dict(self.vocab, self.vocab)
 
     def model_config(self) -> LanguageModelConfig:
         c = self.config
@@ -115,7 +114,7 @@ def load_language_model(path: str | Path, device: str = "cpu") -> tuple[DecoderO
         raise ValueError(f"{directory} holds a {config.get('kind')!r} model, not a language model")
     model = DecoderOnlyTransformer(LanguageModelConfig.from_dict(config["model"]))
     load_model_state(model, directory)
-    vocab = vocab_from_json(json.dumps(read_checkpoint_json(directory, "vocab.json")["src"]))
+    vocab = vocabs_from_dict(read_checkpoint_json(directory, "vocab.json"))[0]
     return model.to(device).eval(), vocab
 
 

@@ -7,7 +7,6 @@ The training loop (``attnlab.training``) is the same for every task; a task supp
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Protocol
 
@@ -20,7 +19,7 @@ from .corpus import load_multi30k
 from .losses import label_smoothed_loss
 from .model import Transformer, TransformerConfig
 from .translate import DecodeConfig, Translator, bleu_scores
-from .vocab import BaseVocab, Vocab, vocab_from_json
+from .vocab import BaseVocab, Vocab, vocabs_from_dict, vocabs_to_dict
 
 __all__ = ["Task", "TranslationTask", "build_task"]
 
@@ -58,8 +57,7 @@ class TranslationTask:
             self.src_vocab, self.tgt_vocab = self._train_vocab(train)
             self.vocab_seconds = time.perf_counter() - started
         else:
-            self.src_vocab = vocab_from_json(json.dumps(vocab["src"]))
-            self.tgt_vocab = self.src_vocab if "tgt" not in vocab else vocab_from_json(json.dumps(vocab["tgt"]))
+            self.src_vocab, self.tgt_vocab = vocabs_from_dict(vocab)
             self.vocab_seconds = 0.0
         self.pad_id = self.src_vocab.pad_id
         self.train_src, self.train_tgt = self._encode_pairs(train)
@@ -88,10 +86,7 @@ class TranslationTask:
         return kept_src, kept_tgt
 
     def vocab_json(self) -> dict[str, Any]:
-        out = {"src": json.loads(self.src_vocab.to_json())}
-        if self.tgt_vocab is not self.src_vocab:
-            out["tgt"] = json.loads(self.tgt_vocab.to_json())
-        return out
+        return vocabs_to_dict(self.src_vocab, self.tgt_vocab)
 
     def model_config(self) -> TransformerConfig:
         c = self.config

@@ -7,7 +7,6 @@ unless ``use_cache=False``, which re-runs the decoder over the whole prefix at e
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -19,7 +18,7 @@ from torch import Tensor
 from .checkpoint import load_model_state, read_checkpoint_json, resolve_checkpoint
 from .decoding import beam_search, greedy_search
 from .model import DecoderState, Transformer, TransformerConfig
-from .vocab import BaseVocab, vocab_from_json
+from .vocab import BaseVocab, vocabs_from_dict
 
 __all__ = ["DecodeConfig", "Translator", "load_translator", "bleu_scores"]
 
@@ -133,8 +132,7 @@ def load_translator(path: str | Path, device: str = "cpu", which: str = "model")
     vocabs = read_checkpoint_json(directory, "vocab.json")
     model = Transformer(TransformerConfig.from_dict(config["model"]))
     load_model_state(model, directory)
-    src_vocab = vocab_from_json(json.dumps(vocabs["src"]))
-    tgt_vocab = src_vocab if "tgt" not in vocabs else vocab_from_json(json.dumps(vocabs["tgt"]))
+    src_vocab, tgt_vocab = vocabs_from_dict(vocabs)
     return Translator(model.to(device), src_vocab, tgt_vocab)
 
 

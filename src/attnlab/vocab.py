@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .fileio import write_text_atomic
 
 __all__ = [
     "PAD",
@@ -177,18 +178,7 @@ class BaseVocab(ABC):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_json()`` to ``path`` atomically (temp file in the same folder, renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls: type[V], path: str | os.PathLike[str]) -> V:
@@ -374,6 +364,20 @@ class CharVocab(BaseVocab):
 
 
 _KINDS: dict[str, type[BaseVocab]] = {Vocab.kind: Vocab, CharVocab.kind: CharVocab}
+
+
+def vocabs_to_dict(src: BaseVocab, tgt: BaseVocab) -> dict[str, Any]:
+    """A model's vocabularies as stored in a checkpoint's vocab.json: "tgt" only when not shared."""
+    data = {"src": json.loads(src.to_json())}
+    if tgt is not src:
+        data["tgt"] = json.loads(tgt.to_json())
+    return data
+
+
+def vocabs_from_dict(data: dict[str, Any]) -> tuple[BaseVocab, BaseVocab]:
+    """(source, target) vocabularies from ``vocabs_to_dict``'s form; one object when shared."""
+    src = vocab_from_json(json.dumps(data["src"]))
+    return src, (src if "tgt" not in data else vocab_from_json(json.dumps(data["tgt"])))
 
 
 def vocab_from_json(s: str) -> BaseVocab:
