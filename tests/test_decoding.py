@@ -164,6 +164,20 @@ def test_sampling_repeats_with_a_seed_and_respects_top_k():
     assert (hot[:, 1:] == 4).float().mean() < 0.6
 
 
+def test_sampling_draws_from_the_softmax():
+    # 40,000 independent draws of one token: each frequency within 4 standard errors of its probability.
+    probs = torch.tensor([0.05, 0.15, 0.0, 0.3, 0.5])
+
+    def step(prefix, state):
+        return probs.log().expand(prefix.size(0), -1), state
+
+    drawn = sample(step, Stateless(), torch.full((40_000, 1), BOS), 1, generator=torch.Generator().manual_seed(0))
+    frequency = torch.bincount(drawn[:, 1], minlength=5).double() / 40_000
+    tolerance = 4 * (probs.double() * (1 - probs.double()) / 40_000).sqrt()
+    assert ((frequency - probs.double()).abs() <= tolerance).all(), frequency
+    assert frequency[2] == 0  # a token of probability 0 (log-probability -inf) is never drawn
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": 0.0}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p"),
 ])

@@ -3,7 +3,8 @@
 A decoder-only model trained on windows of ``context`` characters has seen positions 0 ..
 context − 1 only, so generation keeps a window: once the window is full it restarts from its last
 half (``keep`` tokens), which are read again as a fresh prefix. The cached generator grows a KV
-cache inside each window and re-fills it at a restart; the uncached one re-reads the whole window
+cache inside each window and re-fills it at a restart, with the lean step of
+``attnlab.fast_decode``; the uncached one re-reads the whole window through the model's modules
 at every step. Both see exactly the same windows, so they give the same logits.
 
 Shape legend: B batch, T context length, V vocab size.
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from .checkpoint import load_model_state, read_checkpoint_json, resolve_checkpoint
 from .config import TrainConfig
 from .corpus import default_data_dir
+from . import fast_decode
 from .decoding import sample
 from .losses import label_smoothed_loss
 from .model import DecoderOnlyTransformer, LanguageModelConfig, LMState
@@ -134,12 +136,14 @@ def _window_start(length: int, start: int, context: int, keep: int) -> int:
 
 
 def _cached_step(model: DecoderOnlyTransformer, keep: int):
+    packed = fast_decode.pack(model)
+
     def step(prefix: Tensor, window: _Window) -> tuple[Tensor, _Window]:
         start = _window_start(prefix.size(1), window.start, model.config.max_len, keep)
         cache = model.start() if start != window.start or window.cache is None else window.cache
         new = prefix[:, start + cache.length :]  # (B, T_new): the prefix of a fresh window, or one token
-        logits, cache = model.step(new, cache)
-        return logits[:, -1].float().log_softmax(-1), _Window(start, cache)
+        logits, cache = fast_decode.step(packed, new, cache)  # (B, V)
+        return logits.float().log_softmax(-1), _Window(start, cache)
 
     return step
 
@@ -161,10 +165,17 @@ def generate(
 ) -> Tensor:
     """Sample ``max_new_tokens`` after ``prompt`` (B, t) and return prompt + new tokens (B, t + new).
 
-    ``seed`` makes the output repeatable; ``use_cache=False`` re-reads each window at every step.
+    ``seed`` makes the output repeatable. With the cache (the default) each step runs
+    ``attnlab.fast_decode.step`` on one new token; ``use_cache=False`` re-reads the whole window
+    through the model's ``forward`` at every step, the reference the cached path is tested against.
     """
-    if prompt.dim() != 2 or prompt.size(1) == 0:
-        raise ValueError(f"prompt must be a non-empty (batch, length) tensor of ids, got {tuple(prompt.shape)}")
+    if prompt.dim() != 2 or prompt.numel() == 0 or prompt.is_floating_point() or prompt.dtype == torch.bool:
+        raise ValueError(f"prompt must be a non-empty (batch, length) tensor of ids, got {prompt.dtype} "
+                         f"of shape {tuple(prompt.shape)}")
+    vocab_size = model.config.vocab_size
+    if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
+        raise ValueError(f"prompt ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
+                         f"got {int(prompt.min())}..{int(prompt.max())}")
     model.eval()
     context = model.config.max_len
     keep = keep or max(1, context // 2)
