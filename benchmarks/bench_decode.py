@@ -67,11 +67,11 @@ def _lean_uncached_generate(model, ids, tokens):
     return sample(step, _Window(0, None), ids, tokens, generator=torch.Generator().manual_seed(0))
 
 
-def bench_lm(checkpoint: str, tokens: int, prompt: str, batch: int) -> None:
+def bench_lm(checkpoint: str, tokens: int, prompt: str, batch: int, repeats: int) -> None:
     model, vocab = load_language_model(checkpoint)
     ids = torch.tensor([vocab.encode(prompt)] * batch)
     print(f"language model: {tokens} new tokens after {prompt!r}, {batch} sample(s) at once, "
-          f"context {model.config.max_len}")
+          f"context {model.config.max_len}; median of {repeats} runs")
     runs = {
         "cached": lambda n: generate(model, ids, n, seed=0, use_cache=True),
         "uncached": lambda n: generate(model, ids, n, seed=0, use_cache=False),
@@ -82,7 +82,8 @@ def bench_lm(checkpoint: str, tokens: int, prompt: str, batch: int) -> None:
     outputs = {}
     for name, run in runs.items():
         run(20)  # warm-up
-        outputs[name] = timed(lambda: run(tokens))
+        trials = sorted((timed(lambda: run(tokens)) for _ in range(repeats)), key=lambda trial: trial[1])
+        outputs[name] = trials[len(trials) // 2]
         out, seconds = outputs[name]
         print(f"  {labels[name]:30s} {seconds:8.2f} s  {batch * tokens / seconds:8.1f} tokens/s")
     same = all(torch.equal(outputs["cached"][0], outputs[name][0]) for name in runs)
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--lm-batch", type=int, action="append",
                         help="samples generated at once (repeatable; default: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="language-model runs per setting (median)")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--skip", choices=["translation", "lm"], action="append", default=[])
     args = parser.parse_args()
@@ -113,7 +115,7 @@ def main() -> None:
             bench_translation(args.translation, args.sentences, args.beam, args.batch_size)
         if "lm" not in args.skip:
             for batch in args.lm_batch or [1]:
-                bench_lm(args.lm, args.tokens, args.prompt, batch)
+                bench_lm(args.lm, args.tokens, args.prompt, batch, args.repeats)
 
 
 if __name__ == "__main__":

@@ -29,16 +29,16 @@ from .model import DecoderOnlyTransformer, LMState
 
 __all__ = ["PackedLM", "pack", "step"]
 
-Affine = tuple[Tensor, Tensor]  # (weight, bias) of a Linear (out, in) or a LayerNorm (E,)
+Affine = tuple[Tensor, Tensor]  # a LayerNorm's (γ, β), or a Linear's (Wᵀ (in, out), b): x Wᵀ + b
 
 
 class _PackedLayer(NamedTuple):
     norm1: Affine
-    qkv: Affine  # [W_q; W_k; W_v] (3E, E) and their biases (3E,)
-    out: Affine  # W_o (E, E)
+    qkv: Affine  # [W_q; W_k; W_v]ᵀ (E, 3E) and the joined biases (3E,)
+    out: Affine  # W_oᵀ (E, E)
     norm2: Affine
-    ff1: Affine  # W_1 (d_ff, E)
-    ff2: Affine  # W_2 (E, d_ff)
+    ff1: Affine  # W_1ᵀ (E, d_ff)
+    ff2: Affine  # W_2ᵀ (d_ff, E)
 
 
 class PackedLM(NamedTuple):
@@ -49,9 +49,13 @@ class PackedLM(NamedTuple):
     positions: Tensor  # the sinusoidal table, (max_len, E)
     layers: tuple[_PackedLayer, ...]
     final_norm: Affine | None  # pre-LN models only
-    output: Tensor  # (V, E)
+    output: Tensor  # the output projection's Wᵀ, (E, V)
     num_heads: int
     norm_first: bool
+
+
+def _linear_weights(linear) -> Affine:
+    return linear.weight.t(), linear.bias  # a transposed view, taken once rather than at every product
 
 
 def pack(model: DecoderOnlyTransformer) -> PackedLM:
@@ -63,23 +67,23 @@ def pack(model: DecoderOnlyTransformer) -> PackedLM:
         attn, ff = layer.self_attn, layer.feed_forward
         if attn.w_q.bias is None:
             raise ValueError("the lean decoding step expects attention projections with biases")
-        qkv = (torch.cat([attn.w_q.weight, attn.w_k.weight, attn.w_v.weight]),  # (3E, E)
+        qkv = (torch.cat([attn.w_q.weight, attn.w_k.weight, attn.w_v.weight]).t(),  # (E, 3E)
                torch.cat([attn.w_q.bias, attn.w_k.bias, attn.w_v.bias]))  # (3E,)
         layers.append(_PackedLayer(
-            (layer.norm1.weight, layer.norm1.bias), qkv, (attn.w_o.weight, attn.w_o.bias),
-            (layer.norm2.weight, layer.norm2.bias), (ff.w_1.weight, ff.w_1.bias), (ff.w_2.weight, ff.w_2.bias),
+            (layer.norm1.weight, layer.norm1.bias), qkv, _linear_weights(attn.w_o),
+            (layer.norm2.weight, layer.norm2.bias), _linear_weights(ff.w_1), _linear_weights(ff.w_2),
         ))
-    c = model.config
+    c, embedding = model.config, model.embed.embedding.weight
     return PackedLM(
-        embedding=model.embed.embedding.weight, scale=model.embed.scale, positions=model.positional.P[0],
+        embedding=embedding, scale=model.embed.scale, positions=model.positional.P[0].to(embedding.dtype),
         layers=tuple(layers), final_norm=(model.norm.weight, model.norm.bias) if c.norm_first else None,
-        output=model.output.weight, num_heads=c.num_heads, norm_first=c.norm_first,
+        output=model.output.weight.t(), num_heads=c.num_heads, norm_first=c.norm_first,
     )
 
 
 def _linear(x: Tensor, affine: Affine) -> Tensor:
-    weight, bias = affine
-    return torch.addmm(bias, x, weight.t())  # (N, out)
+    weight_t, bias = affine
+    return torch.addmm(bias, x, weight_t)  # (N, out)
 
 
 def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMState]:
@@ -114,4 +118,4 @@ def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMSt
     last = x.view(B, T, E)[:, -1]  # (B, E)
     if packed.final_norm is not None:
         last = torch.layer_norm(last, (E,), *packed.final_norm)
-    return last @ packed.output.t(), LMState(tuple(new_kv), t + T)  # (B, V)
+    return last @ packed.output, LMState(tuple(new_kv), t + T)  # (B, V)
