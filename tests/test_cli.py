@@ -92,6 +92,16 @@ def test_translate_a_sentence_argument(run, capsys):
     assert out.count("\n") == 1
 
 
+def test_translate_warns_in_one_line_when_a_sentence_is_cut(run, capsys):
+    long = " ".join(["Ein Hund rennt durch den Park."] * 20)  # far more than the model's 63 subwords
+    code, out, err = cli(["translate", "--checkpoint", run, "Ein Mann.", long], capsys)
+    assert code == 0 and out.count("\n") == 2
+    assert err.strip().splitlines() == [
+        "attnlab translate: warning: 1 source sentence(s) (the first is number 2) are longer than the "
+        "model's 63 subwords and were cut; their translations cover the start only"
+    ]
+
+
 def test_translate_a_file_keeps_lines_and_the_empty_one(run, tmp_path, capsys):
     source = tmp_path / "in.de"
     source.write_text("Ein Mann.\n\nZwei Hunde spielen im Schnee.\nEine Frau sitzt auf einer Bank.\n", encoding="utf-8")

@@ -128,6 +128,20 @@ def test_cached_step_logits_equal_uncached(translator):
         prefix = torch.cat([prefix, plain.argmax(-1, keepdim=True)], dim=1)
 
 
+def test_a_source_too_long_for_the_model_is_cut_with_a_warning(translator):
+    class Words:  # one id per word
+        pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+        def encode_batch(self, sentences):
+            return [[5] * len(s.split()) for s in sentences]
+
+    words = Translator(translator.model, Words(), Words())
+    limit = translator.model.config.max_len
+    with pytest.warns(UserWarning, match=rf"number 2\).* {limit - 1} subwords"):
+        ids = words.encode_source(["a b", "w " * (limit + 5)])
+    assert ids[0] == [5, 5, EOS] and len(ids[1]) == limit and ids[1][-1] == EOS
+
+
 def test_beam_one_equals_greedy_on_a_model(translator):
     greedy = translator.translate_ids(SOURCES, DecodeConfig(beam_size=1, max_len_a=8))
     state = translator.model.start_decoding(*_encode(translator.model, SOURCES))

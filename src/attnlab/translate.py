@@ -7,6 +7,7 @@ unless ``use_cache=False``, which re-runs the decoder over the whole prefix at e
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -63,9 +64,17 @@ class Translator:
         return next(self.model.parameters()).device
 
     def encode_source(self, sentences: Sequence[str]) -> list[list[int]]:
-        """Source token ids with EOS, cut to fit the model's positions."""
+        """Source token ids with EOS, cut to fit the model's positions (with a warning)."""
         limit = self.model.config.max_len
-        return [ids[: limit - 1] + [self.src_vocab.eos_id] for ids in self.src_vocab.encode_batch(list(sentences))]
+        encoded = self.src_vocab.encode_batch(list(sentences))
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit - 1]
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} source sentence(s) (the first is number {too_long[0] + 1}) are longer than "
+                f"the model's {limit - 1} subwords and were cut; their translations cover the start only",
+                stacklevel=2,
+            )
+        return [ids[: limit - 1] + [self.src_vocab.eos_id] for ids in encoded]
 
     @torch.no_grad()
     def translate_ids(self, sources: list[list[int]], config: DecodeConfig = DecodeConfig()) -> list[list[int]]:
