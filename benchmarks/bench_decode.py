@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from attnlab import fast_decode
 from attnlab.checkpoint import read_checkpoint_json, resolve_checkpoint
 from attnlab.corpus import load_multi30k
-from attnlab import fast_decode
 from attnlab.decoding import sample
 from attnlab.lm import _Window, _window_start, generate, load_language_model
 from attnlab.translate import DecodeConfig, load_translator

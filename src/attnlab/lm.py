@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import fast_decode
 from .checkpoint import load_model_state, read_checkpoint_json, resolve_checkpoint
 from .config import TrainConfig
 from .corpus import default_data_dir
-from . import fast_decode
 from .decoding import sample
 from .losses import label_smoothed_loss
 from .model import DecoderOnlyTransformer, LanguageModelConfig, LMState
