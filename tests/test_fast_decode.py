@@ -59,7 +59,8 @@ def test_pack_and_step_refuse_what_they_cannot_do():
 
 @pytest.mark.parametrize("prompt, message", [
     (torch.tensor([[1, 30]]), r"0\.\.29"), (torch.tensor([[-1]]), r"0\.\.29"),
-    (torch.zeros(0, 3, dtype=torch.long), "non-empty"), (torch.ones(1, 2), "non-empty"),
+    (torch.zeros(0, 3, dtype=torch.long), "at least one token"), (torch.ones(1, 2), "integer token ids"),
+    (torch.ones(2, dtype=torch.long), r"shape \(batch, length\)"),
 ])
 def test_generate_names_a_bad_prompt(prompt, message):
     with pytest.raises(ValueError, match=message):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fast_decode
+from .attention import _check_token_ids
 from .checkpoint import load_model_state, read_checkpoint_json, resolve_checkpoint
 from .config import TrainConfig
 from .corpus import default_data_dir
@@ -169,9 +170,9 @@ def generate(
     ``attnlab.fast_decode.step`` on one new token; ``use_cache=False`` re-reads the whole window
     through the model's ``forward`` at every step, the reference the cached path is tested against.
     """
-    if prompt.dim() != 2 or prompt.numel() == 0 or prompt.is_floating_point() or prompt.dtype == torch.bool:
-        raise ValueError(f"prompt must be a non-empty (batch, length) tensor of ids, got {prompt.dtype} "
-                         f"of shape {tuple(prompt.shape)}")
+    _check_token_ids(prompt, "prompt")
+    if prompt.numel() == 0:
+        raise ValueError(f"prompt must hold at least one token id, got shape {tuple(prompt.shape)}")
     vocab_size = model.config.vocab_size
     if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
         raise ValueError(f"prompt ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
