@@ -100,6 +100,20 @@ def test_trainer_state_round_trip(tmp_path):
 
 
 # -- atomic writing -------------------------------------------------------------------------------
+def fail_on_save(monkeypatch, failing_call: int) -> list:
+    """Make the ``failing_call``-th safetensors write raise OSError after writing; returns the calls."""
+    real_save_file, calls = checkpoint.save_file, []
+
+    def save_then_fail(tensors, path, *args, **kwargs):
+        real_save_file(tensors, path, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == failing_call:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", save_then_fail)
+    return calls
+
+
 def test_writing_over_an_existing_checkpoint(tmp_path):
     directory = tmp_path / "ckpt" / "last"
     save(directory, make_model(0), trainer_info={"step": 1})
@@ -115,15 +129,7 @@ def test_writing_over_an_existing_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("failing_call", [1, 2])  # 1: the weights, 2: the trainer tensors
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, failing_call):
-    real_save_file, calls = checkpoint.save_file, []
-
-    def save_then_fail(tensors, path, *args, **kwargs):
-        real_save_file(tensors, path, *args, **kwargs)
-        calls.append(path)
-        if len(calls) == failing_call:
-            raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint, "save_file", save_then_fail)
+    calls = fail_on_save(monkeypatch, failing_call)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path / "ckpt" / "new", make_model(0), trainer_tensors={"x": torch.ones(2)}, trainer_info={})
     assert len(calls) == failing_call
@@ -135,15 +141,7 @@ def test_a_failed_write_keeps_the_existing_checkpoint(tmp_path, monkeypatch, fai
     directory = save(tmp_path / "ckpt" / "last", make_model(0), trainer_tensors={"x": torch.ones(2)},
                      trainer_info={"step": 1})
     before = snapshot(directory)
-    real_save_file, calls = checkpoint.save_file, []
-
-    def save_then_fail(tensors, path, *args, **kwargs):
-        real_save_file(tensors, path, *args, **kwargs)
-        calls.append(path)
-        if len(calls) == failing_call:
-            raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint, "save_file", save_then_fail)
+    fail_on_save(monkeypatch, failing_call)
     with pytest.raises(OSError):
         save(directory, make_model(5), trainer_tensors={"x": torch.zeros(2)}, trainer_info={"step": 2})
     assert snapshot(directory) == before
