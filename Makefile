@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	.venv/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
+	.venv/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m ''
 
 demo: $(STAMP)

@@ -34,8 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab import MultiHeadAttention, PositionalEncoding, Transformer, TransformerConfig
-from attnlab.model import TokenEmbedding
+from attnlab import (
+    MultiHeadAttention,
+    PositionalEncoding,
+    Transformer,
+    TransformerConfig,
+)
+from attnlab.nn.model import TokenEmbedding
 
 D_MODEL, HEADS, LAYERS, D_FF, DROPOUT = 256, 8, 3, 512, 0.1
 BATCH, SRC_LEN, TGT_LEN, VOCAB, PAD = 128, 24, 24, 8000, 0

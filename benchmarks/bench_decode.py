@@ -3,7 +3,7 @@
 1. Translating the test_2016_flickr sentences with beam 4: KV cache vs re-running the decoder over
    the whole prefix at every step (goal: cached >= 3x faster). Both must give the same output.
 2. Generating tokens from the character language model, cached vs uncached (goal: >= 5x): the
-   cached generator (KV cache + the lean step of attnlab.fast_decode) against re-reading each
+   cached generator (KV cache + the lean step of attnlab.nn.fast_decode) against re-reading each
    window through the model's forward; a third run, the lean step without its cache, splits the
    speed-up into the cache's share and the lean step's. All three must give the same text.
 
@@ -19,12 +19,17 @@ import time
 
 import torch
 
-from attnlab import fast_decode
-from attnlab.checkpoint import read_checkpoint_json, resolve_checkpoint
-from attnlab.corpus import load_multi30k
-from attnlab.decoding import sample
-from attnlab.lm import _Window, _window_start, generate, load_language_model
-from attnlab.translate import DecodeConfig, load_translator
+from attnlab.data.corpus import load_multi30k
+from attnlab.decode.generate import (
+    _Window,
+    _window_start,
+    generate,
+    load_language_model,
+)
+from attnlab.decode.search import sample
+from attnlab.decode.translate import DecodeConfig, load_translator
+from attnlab.nn import fast_decode
+from attnlab.store.checkpoint import read_checkpoint_json, resolve_checkpoint
 
 
 def timed(fn):
@@ -54,7 +59,7 @@ def bench_translation(checkpoint: str, sentences: int, beam: int, batch_size: in
 
 
 def _lean_uncached_generate(model, ids, tokens):
-    """The lean step of attnlab.fast_decode re-reading each whole window with no cache: the cached
+    """The lean step of attnlab.nn.fast_decode re-reading each whole window with no cache: the cached
     generator's own code minus the cache, to show how much of the speed-up the cache alone gives."""
     packed = fast_decode.pack(model)
     keep, context = model.config.max_len // 2, model.config.max_len

@@ -1,20 +1,10 @@
-"""attnlab.attention: the tutorials' printed numbers, the two attention paths, masks, and
+"""attnlab.nn.attention: the tutorials' printed numbers, the two attention paths, masks, and
 MultiHeadAttention against torch.nn.MultiheadAttention."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from attnlab import (
-    MultiHeadAttention,
-    SelfAttention,
-    causal_mask,
-    padding_mask,
-    scaled_dot_product_attention,
-    simple_self_attention,
-)
 from helpers import (
     assert_digits,
     assert_grads_match,
@@ -24,6 +14,16 @@ from helpers import (
     leaves,
     torch_attn_mask,
     torch_key_padding_mask,
+)
+from torch import nn
+
+from attnlab import (
+    MultiHeadAttention,
+    SelfAttention,
+    causal_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+    simple_self_attention,
 )
 
 F64 = torch.float64

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from attnlab.batching import collate, make_batches, padding_fraction, shard
-from attnlab.corpus import DATA_DIR, load_multi30k
-from attnlab.vocab import Vocab
+from attnlab.data.batching import collate, make_batches, padding_fraction, shard
+from attnlab.data.corpus import DATA_DIR, load_multi30k
+from attnlab.data.vocab import Vocab
 
 
 def random_lengths(seed: int, n: int = 600) -> tuple[list[int], list[int]]:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import attnlab.checkpoint as checkpoint
-from attnlab.checkpoint import (
+import attnlab.store.checkpoint as checkpoint
+from attnlab.nn.model import Transformer, TransformerConfig
+from attnlab.store.checkpoint import (
     CheckpointError,
     average_checkpoints,
     load_model_state,
@@ -21,7 +22,6 @@ from attnlab.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from attnlab.model import Transformer, TransformerConfig
 
 CONFIG = TransformerConfig(
     src_vocab_size=40, tgt_vocab_size=40, d_model=16, num_heads=2, num_encoder_layers=1,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnlab.cli import main
-from attnlab.translate import DecodeConfig, Translator
+from attnlab.app.cli import main
+from attnlab.decode.translate import DecodeConfig, Translator
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attnlab.corpus import (
+from attnlab.data.corpus import (
     DATA_DIR,
     CorpusError,
     default_data_dir,

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from attnlab import Transformer, TransformerConfig, padding_mask
-from attnlab.decoding import Hypothesis, beam_search, greedy_search, length_penalty, sample
-from attnlab.translate import DecodeConfig, Translator, _MemoryState
+from attnlab.decode.search import (
+    Hypothesis,
+    beam_search,
+    greedy_search,
+    length_penalty,
+    sample,
+)
+from attnlab.decode.translate import DecodeConfig, Translator, _MemoryState
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 

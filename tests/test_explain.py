@@ -9,7 +9,9 @@ import re
 import pytest
 import torch
 
-from attnlab.explain import (
+from attnlab.data.vocab import CharVocab, Vocab
+from attnlab.decode.translate import DecodeConfig, Translator
+from attnlab.inspect.explain import (
     COFFEE_W_Q,
     COFFEE_X,
     JOURNEY_INPUTS,
@@ -21,9 +23,7 @@ from attnlab.explain import (
     format_walkthrough,
     walkthrough,
 )
-from attnlab.model import Transformer, TransformerConfig
-from attnlab.translate import DecodeConfig, Translator
-from attnlab.vocab import CharVocab, Vocab
+from attnlab.nn.model import Transformer, TransformerConfig
 
 
 def squash(text: str) -> str:

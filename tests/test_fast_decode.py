@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-
-from attnlab import fast_decode
-from attnlab.lm import generate
-from attnlab.model import DecoderOnlyTransformer, LanguageModelConfig
-
 from helpers import randomize_norms_
+
+from attnlab.decode.generate import generate
+from attnlab.nn import fast_decode
+from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
 
 
 def _model(norm_first: bool) -> DecoderOnlyTransformer:

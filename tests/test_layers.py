@@ -1,4 +1,4 @@
-"""attnlab.layers: positional encoding, feed-forward and Add & Norm against their formulas; encoder and
+"""attnlab.nn.layers: positional encoding, feed-forward and Add & Norm against their formulas; encoder and
 decoder layers against torch.nn.TransformerEncoderLayer / TransformerDecoderLayer with copied weights."""
 
 from __future__ import annotations
@@ -7,6 +7,16 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    assert_grads_match,
+    backward_both,
+    clones,
+    copy_to_torch,
+    leaves,
+    randomize_norms_,
+    torch_attn_mask,
+    torch_key_padding_mask,
+)
 from torch import nn
 
 from attnlab import (
@@ -17,16 +27,6 @@ from attnlab import (
     PositionwiseFeedForward,
     causal_mask,
     padding_mask,
-)
-from helpers import (
-    assert_grads_match,
-    backward_both,
-    clones,
-    copy_to_torch,
-    leaves,
-    randomize_norms_,
-    torch_attn_mask,
-    torch_key_padding_mask,
 )
 
 F64 = torch.float64

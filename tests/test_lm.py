@@ -3,10 +3,16 @@
 import pytest
 import torch
 
-from attnlab.config import TrainConfig
-from attnlab.lm import LanguageModelTask, _cached_step, _uncached_step, _Window, generate
-from attnlab.model import DecoderOnlyTransformer, LanguageModelConfig
-from attnlab.presets import get_preset
+from attnlab.decode.generate import (
+    _cached_step,
+    _uncached_step,
+    _Window,
+    generate,
+)
+from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
+from attnlab.train.config import TrainConfig
+from attnlab.train.presets import get_preset
+from attnlab.train.tasks import LanguageModelTask
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_language_model_config_errors():
 
 
 def test_beam_search_over_the_language_model_is_the_same_cached_or_not(lm):
-    from attnlab.decoding import beam_search
+    from attnlab.decode.search import beam_search
 
     # Beam search over a language model: continue a prompt; token 2 plays EOS.
     prompt = torch.tensor([[5, 6, 7]])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnlab.losses import label_smoothed_loss
+from attnlab.train.losses import label_smoothed_loss
 
 PAD = 0
 LOGITS = [[[1.0, 2.0, 0.5, -1.0], [0.3, 0.1, 2.0, -0.5]]]  # (B=1, T=2, V=4)

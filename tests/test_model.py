@@ -1,4 +1,4 @@
-"""attnlab.model: configuration checks, padding invariance, cached decoding == full decoding, tied
+"""attnlab.nn.model: configuration checks, padding invariance, cached decoding == full decoding, tied
 embeddings, and a tiny Transformer that learns to reverse digit strings end to end."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from attnlab.optim import build_adam, cosine_lr, noam_lr
-from attnlab.model import Transformer, TransformerConfig
+from attnlab.nn.model import Transformer, TransformerConfig
+from attnlab.train.optim import build_adam, cosine_lr, noam_lr
 
 
 # -- noam: factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) ------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from attnlab.plots import (
+from attnlab.inspect.plots import (
     attention_layer_figure,
     plot_attention_layer,
     plot_attention_maps,

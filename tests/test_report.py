@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnlab.report import check_maps, format_top_attended, top_attended, write_report
+from attnlab.inspect.report import (
+    check_maps,
+    format_top_attended,
+    top_attended,
+    write_report,
+)
 
 SRC = ["ein", "Mann", "fährt", "</script><b>", "Rad", "."]  # a hostile token must not break the page
 TGT = ["<bos>", "a", "man", "rides"]

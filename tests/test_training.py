@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from attnlab.checkpoint import read_checkpoint_json, resolve_checkpoint
-from attnlab.config import TrainConfig
-from attnlab.optim import cosine_lr, noam_lr
-from attnlab.presets import get_preset
-from attnlab.tasks import build_task
-from attnlab.training import World, learning_rate, setup_world, train, train_step
+from attnlab.store.checkpoint import read_checkpoint_json, resolve_checkpoint
+from attnlab.train.config import TrainConfig
+from attnlab.train.optim import cosine_lr, noam_lr
+from attnlab.train.presets import get_preset
+from attnlab.train.tasks import build_task
+from attnlab.train.trainer import World, learning_rate, setup_world, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

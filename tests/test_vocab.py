@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.corpus import DATA_DIR, load_multi30k
-from attnlab.vocab import (
+from attnlab.data.corpus import DATA_DIR, load_multi30k
+from attnlab.data.vocab import (
     BOS,
     EOS,
     PAD,

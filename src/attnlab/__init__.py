@@ -11,7 +11,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .attention import (
+from .nn.attention import (
     KV,
     MultiHeadAttention,
     SelfAttention,
@@ -20,14 +20,14 @@ from .attention import (
     scaled_dot_product_attention,
     simple_self_attention,
 )
-from .layers import (
+from .nn.layers import (
     AddNorm,
     DecoderLayer,
     EncoderLayer,
     PositionalEncoding,
     PositionwiseFeedForward,
 )
-from .model import DecoderState, Transformer, TransformerConfig
+from .nn.model import DecoderState, Transformer, TransformerConfig
 
 __version__ = "0.1.0"
 

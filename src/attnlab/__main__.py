@@ -1,5 +1,5 @@
 """`python -m attnlab ...` (and `torchrun -m attnlab train ...`) run the command-line tool."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -21,7 +21,6 @@ one process would on the union of their batches.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -33,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .batching import shard
-from .checkpoint import (
+from ..data.batching import shard
+from ..store.checkpoint import (
     POINTER,
     average_checkpoints,
     load_model_state,

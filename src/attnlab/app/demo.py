@@ -12,12 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
-from .corpus import load_multi30k
+from ..data.corpus import load_multi30k
+from ..decode.translate import DecodeConfig, load_translator
+from ..inspect.explain import explain_example, explain_translation
+from ..train.presets import get_preset
+from ..train.trainer import train
 from .evaluate import evaluate_checkpoint
-from .explain import explain_example, explain_translation
-from .presets import get_preset
-from .training import train
-from .translate import DecodeConfig, load_translator
 
 __all__ = ["run_demo"]
 

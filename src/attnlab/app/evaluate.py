@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint_json, resolve_checkpoint
-from .corpus import load_multi30k
-from .translate import DecodeConfig, bleu_scores, load_translator
+from ..data.corpus import load_multi30k
+from ..decode.translate import DecodeConfig, bleu_scores, load_translator
+from ..store.checkpoint import read_checkpoint_json, resolve_checkpoint
 
 __all__ = ["evaluate_checkpoint"]
 

@@ -7,21 +7,28 @@ The training loop (``attnlab.training``) is the same for every task; a task supp
 
 from __future__ import annotations
 
+import random
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .batching import collate, make_batches, padding_fraction
+from ..data.batching import collate, make_batches, padding_fraction
+from ..data.corpus import default_data_dir, load_multi30k
+from ..data.vocab import BaseVocab, CharVocab, Vocab, vocabs_from_dict, vocabs_to_dict
+from ..decode.translate import DecodeConfig, Translator, bleu_scores
+from ..nn.model import (
+    DecoderOnlyTransformer,
+    LanguageModelConfig,
+    Transformer,
+    TransformerConfig,
+)
 from .config import TrainConfig
-from .corpus import load_multi30k
 from .losses import label_smoothed_loss
-from .model import Transformer, TransformerConfig
-from .translate import DecodeConfig, Translator, bleu_scores
-from .vocab import BaseVocab, Vocab, vocabs_from_dict, vocabs_to_dict
 
-__all__ = ["Task", "TranslationTask", "build_task"]
+__all__ = ["Task", "TranslationTask", "LanguageModelTask", "build_task", "shakespeare_text"]
 
 
 class Task(Protocol):
@@ -157,12 +164,88 @@ class TranslationTask:
         )
 
 
+def shakespeare_text(data_dir: str | None = None) -> str:
+    path = Path(data_dir or default_data_dir()) / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"tiny Shakespeare not found at {path}; set ATTNLAB_DATA or --data-dir")
+    return path.read_text(encoding="utf-8")
+
+
+class LanguageModelTask:
+    """Next-character prediction on tiny Shakespeare, split 90/10 into training and validation."""
+
+    kind = "lm"
+    best_metric = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, config: TrainConfig, vocab: dict[str, Any] | None = None) -> None:
+        self.config = config
+        text = shakespeare_text(config.data_dir or None)
+        self.vocab: BaseVocab = CharVocab.build(text) if vocab is None else vocabs_from_dict(vocab)[0]
+        ids = torch.tensor(self.vocab.encode(text), dtype=torch.long)
+        split = int(0.9 * len(ids))
+        self.train_ids, self.val_ids = ids[:split], ids[split:]
+        if len(self.train_ids) <= config.context + 1:
+            raise ValueError(f"the training text is shorter than one context of {config.context} tokens")
+
+    def vocab_json(self) -> dict[str, Any]:
+        return vocabs_to_dict(self.vocab, self.vocab)
+
+    def model_config(self) -> LanguageModelConfig:
+        c = self.config
+        return LanguageModelConfig(
+            vocab_size=len(self.vocab), d_model=c.d_model, num_heads=c.num_heads,
+            num_layers=c.num_encoder_layers, d_ff=c.d_ff, dropout=c.dropout, max_len=c.context,
+            norm_first=c.norm_first, tie_embeddings=c.share_embeddings, pad_id=self.vocab.pad_id,
+        )
+
+    def build_model(self) -> DecoderOnlyTransformer:
+        return DecoderOnlyTransformer(self.model_config())
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Random window starts, ``batch_size`` per batch, repeatable from (seed, epoch)."""
+        c = self.config
+        per_epoch = max(1, len(self.train_ids) // (c.batch_size * c.context))
+        rng = random.Random(c.seed * 1000003 + epoch)
+        high = len(self.train_ids) - c.context - 1
+        return [[rng.randint(0, high) for _ in range(c.batch_size)] for _ in range(per_epoch)]
+
+    def to_tensors(self, batch: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        T = self.config.context
+        x = torch.stack([self.train_ids[s : s + T] for s in batch])  # (B, T)
+        y = torch.stack([self.train_ids[s + 1 : s + T + 1] for s in batch])  # (B, T)
+        return x.to(device), y.to(device)
+
+    def loss(self, model: nn.Module, tensors: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, int]:
+        x, y = tensors
+        loss_sum, n = label_smoothed_loss(model(x), y, self.vocab.pad_id, self.config.label_smoothing)
+        return loss_sum, n, 0
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Mean next-character loss over the validation text in consecutive windows."""
+        was_training = model.training
+        model.eval()
+        T = self.config.context
+        n = (len(self.val_ids) - 1) // T
+        x = self.val_ids[: n * T].view(n, T)
+        y = self.val_ids[1 : n * T + 1].view(n, T)
+        total = 0.0
+        for k in range(0, n, 64):
+            loss_sum, _ = label_smoothed_loss(model(x[k : k + 64].to(device)), y[k : k + 64].to(device), -100, 0.0)
+            total += float(loss_sum)
+        model.train(was_training)
+        return {"val_loss": round(total / (n * T), 4)}
+
+    def describe(self) -> str:
+        return (f"tiny Shakespeare, characters: {len(self.train_ids):,} training, "
+                f"{len(self.val_ids):,} validation; vocabulary {len(self.vocab)}")
+
+
 def build_task(config: TrainConfig, vocab: dict[str, Any] | None = None) -> Task:
     """The task a config asks for; ``vocab`` (from a checkpoint) replaces training a vocabulary."""
     if config.task == "translation":
         return TranslationTask(config, vocab)
     if config.task == "lm":
-        from .lm import LanguageModelTask
-
         return LanguageModelTask(config, vocab)
     raise ValueError(f"unknown task {config.task!r}")

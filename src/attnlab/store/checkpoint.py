@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .fileio import write_text_atomic
+from .files import write_text_atomic
 
 __all__ = [
     "CheckpointError",

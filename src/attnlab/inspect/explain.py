@@ -20,9 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .attention import SelfAttention, padding_mask, scaled_dot_product_attention, simple_self_attention
-from .model import Transformer
-from .vocab import BaseVocab
+from ..data.vocab import BaseVocab
+from ..nn.attention import (
+    SelfAttention,
+    padding_mask,
+    scaled_dot_product_attention,
+    simple_self_attention,
+)
+from ..nn.model import Transformer
 
 __all__ = [
     "Step",

@@ -46,8 +46,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import TrainConfig
-    from .presets import PRESETS
+    from ..train.config import TrainConfig
+    from ..train.presets import PRESETS
 
     p = sub.add_parser("train", help="train a model (a preset, with any setting overridden)",
                        description="Train a translation or language model. Every setting of the "
@@ -67,8 +67,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 @command("train")
 def _train(args: argparse.Namespace) -> int:
-    from .presets import get_preset
-    from .training import train
+    from ..train.presets import get_preset
+    from ..train.trainer import train
 
     config = get_preset(args.preset)
     changes = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
@@ -105,7 +105,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _decode_config(args: argparse.Namespace):
-    from .translate import DecodeConfig
+    from ..decode.translate import DecodeConfig
 
     return DecodeConfig(beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size,
                         use_cache=not args.no_cache)
@@ -120,14 +120,14 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
 
 @command("translate")
 def _translate(args: argparse.Namespace) -> int:
-    from .translate import load_translator
+    from ..decode.translate import load_translator
 
     if args.sentences and args.input:
         raise ValueError("give sentences as arguments or --input, not both")
     if args.sentences:
         lines = list(args.sentences)
     elif args.input and args.input != "-":
-        from .corpus import read_lines
+        from ..data.corpus import read_lines
 
         lines = read_lines(args.input)
     else:
@@ -183,14 +183,14 @@ def _explain(args: argparse.Namespace) -> int:
     if bool(args.example) == bool(args.checkpoint):
         raise ValueError("give either --example NAME or --checkpoint DIR with a sentence")
     if args.example:
-        from .explain import explain_example
+        from ..inspect.explain import explain_example
 
         print(explain_example(args.example, args.scale))
         return 0
     if not args.sentence:
         raise ValueError("--checkpoint needs a sentence to translate, e.g. \"Ein Mann fährt Fahrrad.\"")
-    from .explain import explain_translation
-    from .translate import DecodeConfig, load_translator
+    from ..decode.translate import DecodeConfig, load_translator
+    from ..inspect.explain import explain_translation
 
     _set_threads(args)
     translator = load_translator(args.checkpoint, args.device)
@@ -218,7 +218,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 @command("plot")
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import plot_positional_encoding
+    from ..inspect.plots import plot_positional_encoding
 
     print(plot_positional_encoding(d_model=args.d_model, positions=args.positions, path=args.out))
     return 0
@@ -242,7 +242,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .lm import generate, load_language_model
+    from ..decode.generate import generate, load_language_model
 
     _set_threads(args)
     model, vocab = load_language_model(args.checkpoint, args.device)

@@ -16,10 +16,10 @@ import sacrebleu
 import torch
 from torch import Tensor
 
-from .checkpoint import load_model_state, read_checkpoint_json, resolve_checkpoint
-from .decoding import beam_search, greedy_search
-from .model import DecoderState, Transformer, TransformerConfig
-from .vocab import BaseVocab, vocabs_from_dict
+from ..data.vocab import BaseVocab
+from ..nn.model import DecoderState, Transformer
+from .load import load_checkpoint
+from .search import beam_search, greedy_search
 
 __all__ = ["DecodeConfig", "Translator", "load_translator", "bleu_scores"]
 
@@ -134,15 +134,8 @@ class Translator:
 
 def load_translator(path: str | Path, device: str = "cpu", which: str = "model") -> Translator:
     """Load a translation checkpoint (or a run directory's final/best/last one) for inference."""
-    directory = resolve_checkpoint(Path(path), which)
-    config = read_checkpoint_json(directory, "config.json")
-    if config.get("kind") != "translation":
-        raise ValueError(f"{directory} holds a {config.get('kind')!r} model, not a translation model")
-    vocabs = read_checkpoint_json(directory, "vocab.json")
-    model = Transformer(TransformerConfig.from_dict(config["model"]))
-    load_model_state(model, directory)
-    src_vocab, tgt_vocab = vocabs_from_dict(vocabs)
-    return Translator(model.to(device), src_vocab, tgt_vocab)
+    loaded = load_checkpoint(path, "translation", device=device, which=which)
+    return Translator(loaded.model, loaded.src_vocab, loaded.tgt_vocab)
 
 
 def bleu_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, object]:

@@ -28,7 +28,7 @@ __all__ = [
     "read_parallel",
 ]
 
-_REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+_REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "data"
 
 DATA_DIR: Path = Path(os.environ.get("ATTNLAB_DATA") or _REPO_DATA_DIR)
 """The data folder as seen at import time: ``$ATTNLAB_DATA`` if set, else the repo's ``data/``."""

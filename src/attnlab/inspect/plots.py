@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .layers import PositionalEncoding
+from ..nn.layers import PositionalEncoding
 from .report import ATTENTION_KINDS, check_maps
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""The application on top: the command line, the demo and checkpoint evaluation."""

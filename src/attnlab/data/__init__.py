@@ -1,0 +1,1 @@
+"""The data layer: corpora, vocabularies and token-based batches."""

@@ -1,0 +1,1 @@
+"""The decoding layer: search (greedy, beam, sampling), translation, generation, loading a model."""

@@ -1,0 +1,104 @@
+"""Text generation with a decoder-only language model, in a window of its context.
+
+A decoder-only model trained on windows of ``context`` tokens has seen positions 0 .. context − 1
+only, so generation keeps a window: once the window is full it restarts from its last half
+(``keep`` tokens), which are read again as a fresh prefix. The cached generator grows a KV cache
+inside each window and re-fills it at a restart, with the lean step of ``attnlab.nn.fast_decode``;
+the uncached one re-reads the whole window through the model's modules at every step. Both see
+exactly the same windows, so they give the same logits.
+
+Shape legend: B batch, T context length, V vocab size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..data.vocab import BaseVocab
+from ..nn import fast_decode
+from ..nn.attention import _check_token_ids
+from ..nn.model import DecoderOnlyTransformer, LMState
+from .load import load_checkpoint
+from .search import sample
+
+__all__ = ["load_language_model", "generate"]
+
+
+def load_language_model(path: str | Path, device: str = "cpu") -> tuple[DecoderOnlyTransformer, BaseVocab]:
+    """A trained language model (in evaluation mode) and its vocabulary."""
+    loaded = load_checkpoint(path, "lm", device=device)
+    return loaded.model, loaded.src_vocab
+
+
+class _Window(NamedTuple):
+    """Generation state: where the current window starts in the sequence, and its cache."""
+
+    start: int
+    cache: LMState | None  # None when generating without a cache
+
+    def select(self, index: Tensor) -> "_Window":
+        return _Window(self.start, None if self.cache is None else self.cache.select(index))
+
+
+def _window_start(length: int, start: int, context: int, keep: int) -> int:
+    """Restart the window at the last ``keep`` tokens once it would exceed ``context``."""
+    return length - keep if length - start > context else start
+
+
+def _cached_step(model: DecoderOnlyTransformer, keep: int):
+    packed = fast_decode.pack(model)
+
+    def step(prefix: Tensor, window: _Window) -> tuple[Tensor, _Window]:
+        start = _window_start(prefix.size(1), window.start, model.config.max_len, keep)
+        cache = model.start() if start != window.start or window.cache is None else window.cache
+        new = prefix[:, start + cache.length :]  # (B, T_new): the prefix of a fresh window, or one token
+        logits, cache = fast_decode.step(packed, new, cache)  # (B, V)
+        return logits.float().log_softmax(-1), _Window(start, cache)
+
+    return step
+
+
+def _uncached_step(model: DecoderOnlyTransformer, keep: int):
+    def step(prefix: Tensor, window: _Window) -> tuple[Tensor, _Window]:
+        start = _window_start(prefix.size(1), window.start, model.config.max_len, keep)
+        logits = model(prefix[:, start:])  # (B, T_window, V)
+        return logits[:, -1].float().log_softmax(-1), _Window(start, None)
+
+    return step
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderOnlyTransformer, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    use_cache: bool = True, keep: int | None = None,
+) -> Tensor:
+    """Sample ``max_new_tokens`` after ``prompt`` (B, t) and return prompt + new tokens (B, t + new).
+
+    ``seed`` makes the output repeatable. With the cache (the default) each step runs
+    ``attnlab.fast_decode.step`` on one new token; ``use_cache=False`` re-reads the whole window
+    through the model's ``forward`` at every step, the reference the cached path is tested against.
+    """
+    _check_token_ids(prompt, "prompt")
+    if prompt.numel() == 0:
+        raise ValueError(f"prompt must hold at least one token id, got shape {tuple(prompt.shape)}")
+    vocab_size = model.config.vocab_size
+    if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
+        raise ValueError(f"prompt ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
+                         f"got {int(prompt.min())}..{int(prompt.max())}")
+    model.eval()
+    context = model.config.max_len
+    keep = keep or max(1, context // 2)
+    if not 1 <= keep <= context:
+        raise ValueError(f"keep must be in 1..{context}, got {keep}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    step = _cached_step(model, keep) if use_cache else _uncached_step(model, keep)
+    start = max(0, prompt.size(1) - keep) if prompt.size(1) > context else 0
+    return sample(step, _Window(start, None), prompt, max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, generator=generator)

@@ -1,0 +1,71 @@
+"""Loading a trained model for inference: the one sequence every command and API goes through.
+
+A checkpoint (or a run directory, resolved through its ``checkpoints.json``) holds
+``config.json`` (its kind and model sizes), ``vocab.json`` and ``model.safetensors``.
+``load_checkpoint`` reads them in that order, builds the model its kind names, loads the weights
+and returns everything in evaluation mode; ``load_translator`` and ``load_language_model`` are
+thin views of it for the two kinds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..data.vocab import BaseVocab, vocabs_from_dict
+from ..nn.model import (
+    DecoderOnlyTransformer,
+    LanguageModelConfig,
+    Transformer,
+    TransformerConfig,
+)
+from ..store.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    read_checkpoint_json,
+    resolve_checkpoint,
+)
+
+__all__ = ["KINDS", "LoadedModel", "load_checkpoint"]
+
+# kind in config.json -> (model class, its config class, what a user calls it)
+KINDS: dict[str, tuple[type[nn.Module], Any, str]] = {
+    "translation": (Transformer, TransformerConfig, "translation model"),
+    "lm": (DecoderOnlyTransformer, LanguageModelConfig, "language model"),
+}
+
+
+class LoadedModel(NamedTuple):
+    """A model ready for inference, with what came with it."""
+
+    directory: Path  # the checkpoint directory it came from
+    kind: str  # "translation" or "lm"
+    model: nn.Module  # in evaluation mode, on the asked device
+    src_vocab: BaseVocab
+    tgt_vocab: BaseVocab  # the same object as src_vocab when shared (and for language models)
+    config: dict[str, Any]  # the checkpoint's config.json
+
+
+def load_checkpoint(
+    path: str | Path, kind: str | None = None, *, device: str | torch.device = "cpu", which: str = "model"
+) -> LoadedModel:
+    """Load the checkpoint at ``path`` (a checkpoint or a run directory; ``which``: model, best, last).
+
+    ``kind`` ("translation" or "lm"), when given, must match the checkpoint's: a clear error says
+    what the checkpoint holds instead.
+    """
+    directory = resolve_checkpoint(Path(path), which)
+    config = read_checkpoint_json(directory, "config.json")
+    found = config.get("kind") if isinstance(config, dict) else None
+    if found not in KINDS:
+        raise CheckpointError(f"{directory}/config.json: 'kind' must be one of {sorted(KINDS)}, got {found!r}")
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{directory} holds a {KINDS[found][2]}, not a {KINDS[kind][2]}")
+    model_class, config_class, _ = KINDS[found]
+    model = model_class(config_class.from_dict(config["model"]))
+    load_model_state(model, directory)
+    src_vocab, tgt_vocab = vocabs_from_dict(read_checkpoint_json(directory, "vocab.json"))
+    return LoadedModel(directory, found, model.to(device).eval(), src_vocab, tgt_vocab, config)

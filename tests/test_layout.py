@@ -1,0 +1,30 @@
+"""The package's layers: every module lives in one layer, and no import runs upwards."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "attnlab"
+
+
+def _layers() -> list[str]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = [c for c in config["contracts"] if c["type"] == "layers"]
+    return [name.strip() for layer in contract["layers"] for name in layer.split("|")]
+
+
+def test_every_module_sits_in_a_layer():
+    layers = {name.removeprefix("attnlab.") for name in _layers()}
+    top_level = {p.name for p in PACKAGE.iterdir() if p.suffix == ".py"}
+    assert top_level == {"__init__.py", "__main__.py"}, "modules belong in a layer's subpackage"
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == layers
+
+
+def test_import_contract_is_kept():
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 kept, 0 broken" in result.stdout
