@@ -12,7 +12,30 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from attnlab import DecoderLayer, EncoderLayer, MultiHeadAttention
+from attnlab import DecoderLayer, EncoderLayer, MultiHeadAttention, Transformer, TransformerConfig
+from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
+
+
+def tiny_transformer(seed: int = 0, *, vocab: int = 40, train: bool = False, **overrides) -> Transformer:
+    """The one small encoder-decoder the tests share: seeded weights, dropout 0, evaluation mode.
+
+    ``vocab`` sets both vocabulary sizes; any ``TransformerConfig`` field can be overridden.
+    """
+    settings = dict(src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=16, num_heads=4,
+                    num_encoder_layers=2, num_decoder_layers=2, d_ff=32, dropout=0.0, max_len=64)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = Transformer(TransformerConfig(**settings))
+    return model.train(train)
+
+
+def tiny_language_model(seed: int = 0, *, vocab: int = 30, train: bool = False, **overrides) -> DecoderOnlyTransformer:
+    """The one small decoder-only model the tests share (seeded, dropout 0, evaluation mode)."""
+    settings = dict(vocab_size=vocab, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=16, dropout=0.0)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = DecoderOnlyTransformer(LanguageModelConfig(**settings))
+    return model.train(train)
 
 
 def leaves(*shapes: tuple[int, ...], seed: int = 1, dtype: torch.dtype = torch.float64) -> list[Tensor]:
