@@ -17,7 +17,9 @@ import argparse
 import os
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the attnlab command sets it, before torch loads
+
+import torch  # noqa: E402
 
 from attnlab.data.corpus import load_multi30k
 from attnlab.decode.generate import (
@@ -26,10 +28,10 @@ from attnlab.decode.generate import (
     generate,
     load_language_model,
 )
+from attnlab.decode.load import load_checkpoint
 from attnlab.decode.search import sample
 from attnlab.decode.translate import DecodeConfig, load_translator
 from attnlab.nn import fast_decode
-from attnlab.store.checkpoint import read_checkpoint_json, resolve_checkpoint
 
 
 def timed(fn):
@@ -40,11 +42,10 @@ def timed(fn):
 
 def bench_translation(checkpoint: str, sentences: int, beam: int, batch_size: int) -> None:
     translator = load_translator(checkpoint)
-    train = read_checkpoint_json(resolve_checkpoint(checkpoint), "config.json")["train"]
-    src_lang = train["src_lang"]
-    pairs = load_multi30k("test_2016_flickr", src_lang, train["tgt_lang"])[:sentences]
+    src_lang, tgt_lang = load_checkpoint(checkpoint, "translation").languages
+    pairs = load_multi30k("test_2016_flickr", src_lang, tgt_lang)[:sentences]
     source = [s for s, _ in pairs]
-    print(f"translation: {len(source)} test_2016_flickr sentences {src_lang}->{train['tgt_lang']}, "
+    print(f"translation: {len(source)} test_2016_flickr sentences {src_lang}->{tgt_lang}, "
           f"beam {beam}, batch {batch_size}")
     results = {}
     for use_cache in (True, False):

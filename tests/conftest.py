@@ -1,10 +1,13 @@
-"""Loaded by pytest before any test module: import attnlab first, so that its
-``OMP_WAIT_POLICY=PASSIVE`` default is in the environment before PyTorch's OpenMP runtime starts.
+"""Loaded by pytest before any test module: the test process's own settings, made before PyTorch starts.
 
-Test modules import ``torch`` before ``attnlab`` (third-party imports first), which would otherwise
-start OpenMP with spinning waits: on this 2-core machine, shared with a background training run,
-the end-to-end reversal test took 790 s with OMP_WAIT_POLICY=ACTIVE against 19 s with PASSIVE.
+``OMP_WAIT_POLICY=PASSIVE`` (unless set): the attnlab command line sets the same default at its
+entry point, and a test process is its own entry point. OpenMP reads the variable when PyTorch's
+library loads, so it must be set before any test module imports torch: on this 2-core machine,
+shared with a background training run, the end-to-end reversal test took 790 s with
+OMP_WAIT_POLICY=ACTIVE against 19 s with PASSIVE. attnlab itself changes no environment variable.
 Shared test helpers live in ``helpers.py``.
 """
 
-import attnlab  # noqa: F401  (imported for its side effect on the environment)
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -12,7 +12,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from attnlab import DecoderLayer, EncoderLayer, MultiHeadAttention, Transformer, TransformerConfig
+from attnlab import (
+    DecoderLayer,
+    EncoderLayer,
+    MultiHeadAttention,
+    Transformer,
+    TransformerConfig,
+)
 from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
 
 
@@ -80,8 +86,8 @@ def torch_attn_mask(mask: Tensor) -> Tensor:
 # -- our modules' parameters, named and packed the way PyTorch's counterparts hold them --------------
 def _mha_state(mha: MultiHeadAttention, get: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
     return {
-        "in_proj_weight": torch.cat([get(mha.w_q.weight), get(mha.w_k.weight), get(mha.w_v.weight)]),
-        "in_proj_bias": torch.cat([get(mha.w_q.bias), get(mha.w_k.bias), get(mha.w_v.bias)]),
+        "in_proj_weight": get(mha.in_proj_weight),
+        "in_proj_bias": get(mha.in_proj_bias),
         "out_proj.weight": get(mha.w_o.weight),
         "out_proj.bias": get(mha.w_o.bias),
     }

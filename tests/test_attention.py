@@ -28,7 +28,7 @@ from attnlab import (
 
 F64 = torch.float64
 
-# -- SPEC section 1: simple self-attention, no trainable weights ------------------------------------
+# -- the tutorials' first worked example: six 3-d token embeddings, no trainable weights -------------
 INPUTS = [
     [0.43, 0.15, 0.89],  # Your
     [0.55, 0.87, 0.66],  # journey
@@ -83,7 +83,7 @@ def test_simple_attention_is_batched():
     torch.testing.assert_close(context[1], simple_self_attention(x.flip(0))[0])
 
 
-# -- SPEC section 2: self-attention with trainable projections --------------------------------------
+# -- examples A ("she likes coffee") and B (the tutorial's integer matrices): trainable projections ---
 def _self_attention(w_q, w_k, w_v) -> SelfAttention:
     """A float64 SelfAttention computing X·W (the tutorials' convention; nn.Linear holds Wᵀ)."""
     w_q, w_k, w_v = (torch.tensor(w, dtype=F64) for w in (w_q, w_k, w_v))
@@ -99,7 +99,7 @@ def test_example_a_she_likes_coffee():
     x = torch.tensor([[0.2, 0.9, 0.1, 0.5], [0.8, 0.3, 0.7, 0.2], [0.4, 0.6, 0.3, 0.9]], dtype=F64)
     w_qk = [[0.9 if i == j else 0.1 for j in range(4)] for i in range(4)]
     w_v = [[0.8, 0.2, 0.1, 0.1], [0.2, 0.8, 0.2, 0.1], [0.1, 0.2, 0.8, 0.1], [0.1, 0.1, 0.1, 0.9]]
-    out = _self_attention(w_qk, w_qk, w_v)(x)
+    out = _self_attention(w_qk, w_qk, w_v)(x).output
     expected = [
         [0.575303, 0.705274, 0.505303, 0.641775],
         [0.600195, 0.688227, 0.530195, 0.619162],
@@ -129,17 +129,20 @@ def test_example_b_projections_and_raw_scores_are_exact():
 def test_example_b_first_word_with_the_tutorials_scale_and_the_correct_one():
     attn = _self_attention(**EXAMPLE_B_W)
     x = torch.tensor(EXAMPLE_B_X, dtype=F64)
-    assert_digits(attn(x, scale=1.0)[0], [1.936621, 6.683105, 1.595068], 6)
-    assert_digits(attn(x)[0], [1.863874, 6.319371, 1.704189], 6)  # scale 1/√3
-    # The weights come back on request, from the reference path, and give the same output.
+    assert_digits(attn(x, scale=1.0).output[0], [1.936621, 6.683105, 1.595068], 6)
+    assert_digits(attn(x).output[0], [1.863874, 6.319371, 1.704189], 6)  # scale 1/√3
+    # The weights come back on request, from the reference path, and give the same output;
+    # unasked for, they are None (one return type either way).
     out, weights = attn(x, need_weights=True)
-    torch.testing.assert_close(out, attn(x))
+    fused = attn(x)
+    assert fused.weights is None
+    torch.testing.assert_close(out, fused.output)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, dtype=F64))
 
 
 def test_self_attention_rejects_the_wrong_input_size():
     with pytest.raises(ValueError, match="d_in=4"):
-        SelfAttention(4, 3)(torch.rand(2, 3, 5))
+        SelfAttention(4, 3)(torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(0)))
 
 
 # -- the fused path equals the reference path, masks and all ---------------------------------------
@@ -166,8 +169,8 @@ def _paths(q, k, v, mask):
     g = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, generator=torch.Generator().manual_seed(1))
     for need_weights in (False, True):
         qq, kk, vv = clones(q, k, v)
-        out = scaled_dot_product_attention(qq, kk, vv, mask, need_weights=need_weights)
-        out = out[0] if need_weights else out
+        out, weights = scaled_dot_product_attention(qq, kk, vv, mask, need_weights=need_weights)
+        assert (weights is None) != need_weights
         (out * g).sum().backward()
         results.append((out.detach(), qq.grad, kk.grad, vv.grad))
     return results
@@ -257,14 +260,15 @@ def _compare_mha(ours, theirs, q, k, v, mask=None, *, key_padding_mask=None, att
         k2 = v2 = q2
     elif k is v:
         v2 = k2
-    result = ours(q, k, v, mask, need_weights=need_weights)
-    expected = theirs(q2, k2, v2, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                      need_weights=need_weights, average_attn_weights=False)
-    out, their_out = (result[0], expected[0]) if need_weights else (result, expected[0])
+    out, weights = ours(q, k, v, mask, need_weights=need_weights)
+    their_out, their_weights = theirs(q2, k2, v2, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                      need_weights=need_weights, average_attn_weights=False)
     torch.testing.assert_close(out, their_out)
     if need_weights:
-        assert result[1].shape == expected[1].shape
-        torch.testing.assert_close(result[1], expected[1])
+        assert weights.shape == their_weights.shape
+        torch.testing.assert_close(weights, their_weights)
+    else:
+        assert weights is None and their_weights is None  # the same pair as PyTorch's
     backward_both(out, their_out)
     for ours_leaf, their_leaf in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(ours_leaf.grad, their_leaf.grad)
@@ -326,18 +330,22 @@ def test_d_model_not_divisible_by_heads():
         MultiHeadAttention(10, 3)
 
 
+def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 def test_query_and_key_feature_sizes_differ():
     with pytest.raises(ValueError, match="query and key feature sizes differ"):
-        scaled_dot_product_attention(torch.rand(1, 3, 4), torch.rand(1, 5, 6), torch.rand(1, 5, 6))
+        scaled_dot_product_attention(_rand(1, 3, 4), _rand(1, 5, 6), _rand(1, 5, 6))
     mha = MultiHeadAttention(8, 2)
     with pytest.raises(ValueError, match="key has 6 features.*d_model=8"):
-        mha(torch.rand(1, 3, 8), torch.rand(1, 5, 6), torch.rand(1, 5, 6))
+        mha(_rand(1, 3, 8), _rand(1, 5, 6), _rand(1, 5, 6))
     with pytest.raises(ValueError, match="query has 6 features.*d_model=8"):
-        mha(torch.rand(1, 3, 6), torch.rand(1, 5, 8), torch.rand(1, 5, 8))
+        mha(_rand(1, 3, 6), _rand(1, 5, 8), _rand(1, 5, 8))
 
 
 def test_mask_that_does_not_broadcast():
-    q, k, v = torch.rand(2, 2, 3, 4), torch.rand(2, 2, 5, 4), torch.rand(2, 2, 5, 4)
+    q, k, v = _rand(2, 2, 3, 4), _rand(2, 2, 5, 4, seed=1), _rand(2, 2, 5, 4, seed=2)
     for need_weights in (False, True):
         with pytest.raises(ValueError, match=r"mask of shape \(2, 1, 1, 6\) does not broadcast"):
             scaled_dot_product_attention(q, k, v, torch.ones(2, 1, 1, 6, dtype=torch.bool),
@@ -346,13 +354,70 @@ def test_mask_that_does_not_broadcast():
     with pytest.raises(ValueError, match="does not broadcast"):
         scaled_dot_product_attention(q, k, v, torch.ones(3, 2, 2, 3, 5, dtype=torch.bool))
     mha = MultiHeadAttention(8, 2)
-    x = torch.rand(2, 3, 8)
+    x = _rand(2, 3, 8)
     with pytest.raises(ValueError, match="does not broadcast"):
         mha(x, x, x, causal_mask(4))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        mha(x, _rand(2, 5, 8), _rand(2, 5, 8), causal_mask(3))  # 3 keys, but 5 are given
 
 
 def test_non_boolean_mask():
-    q = torch.rand(1, 1, 3, 4)
+    q = _rand(1, 1, 3, 4)
     for mask in (torch.ones(3, 3), torch.ones(3, 3, dtype=torch.long)):
         with pytest.raises(ValueError, match="mask must be boolean"):
             scaled_dot_product_attention(q, q, q, mask)
+
+
+# -- the fused Q/K/V projection -----------------------------------------------------------------------
+def test_w_q_w_k_w_v_are_views_of_the_fused_projection():
+    ours, _ = _mha_pair()
+    for i, projection in enumerate((ours.w_q, ours.w_k, ours.w_v)):
+        rows = slice(i * E, (i + 1) * E)
+        assert projection.weight.data_ptr() == ours.in_proj_weight[rows].data_ptr()
+        assert torch.equal(projection.bias, ours.in_proj_bias[rows])
+    (x,) = leaves((2, 5, E))
+    torch.testing.assert_close(ours.w_k(x), x @ ours.in_proj_weight[E : 2 * E].T + ours.in_proj_bias[E : 2 * E])
+    with torch.no_grad():  # writing through a view writes the fused parameter
+        ours.w_v.weight.fill_(0.5)
+    assert (ours.in_proj_weight[2 * E :] == 0.5).all() and not (ours.in_proj_weight[: 2 * E] == 0.5).any()
+
+
+def test_projections_start_as_separate_linears_would():
+    torch.manual_seed(3)
+    ours = MultiHeadAttention(E, HEADS)
+    torch.manual_seed(3)
+    linears = [nn.Linear(E, E) for _ in range(4)]  # W_q, W_k, W_v, W_o in the order they are made
+    for projection, linear in zip((ours.w_q, ours.w_k, ours.w_v, ours.w_o), linears):
+        assert torch.equal(projection.weight, linear.weight) and torch.equal(projection.bias, linear.bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_state_dict_with_separate_projections_still_loads(bias):
+    """Checkpoints written before W_q, W_k, W_v were fused hold them as three nn.Linear entries."""
+    torch.manual_seed(0)
+    source = MultiHeadAttention(E, HEADS, bias=bias).double()
+    old = {f"w_{name}.{kind}": getattr(getattr(source, f"w_{name}"), kind).clone()
+           for name in "qkv" for kind in (("weight", "bias") if bias else ("weight",))}
+    old.update({f"w_o.{k}": v for k, v in source.w_o.state_dict().items()})
+    torch.manual_seed(1)
+    target = MultiHeadAttention(E, HEADS, bias=bias).double()
+    target.load_state_dict(old, strict=True)
+    (x,) = leaves((2, 4, E))
+    torch.testing.assert_close(target(x, x, x).output, source(x, x, x).output, rtol=0, atol=0)
+    assert set(target.state_dict()) == {"in_proj_weight", "w_o.weight"} | (
+        {"in_proj_bias", "w_o.bias"} if bias else set())
+
+
+def test_the_public_pieces_check_their_inputs():
+    ours, _ = _mha_pair()
+    x, memory = leaves((2, 3, E), (2, 7, E))
+    kv = ours.project_kv(memory, memory)
+    with pytest.raises(ValueError, match="do not fit a batch of 1"):
+        ours.attend(x[:1], kv)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 3\) does not broadcast"):
+        ours.attend(x, kv, causal_mask(3))
+    _, past, _ = ours.self_attention(x)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ours.self_attention(x, causal_mask(3), past=past)  # 3 queries see 3 + 3 keys, not 3
+    _, grown, weights = ours.self_attention(x, causal_mask(3, 6), past=past, need_weights=True)
+    assert grown.k.shape == (2, HEADS, 6, E // HEADS) and weights.shape == (2, HEADS, 3, 6)

@@ -92,11 +92,14 @@ def test_padding_fraction_by_hand():
 
 
 def test_sorted_batching_pads_little_on_multi30k():
-    pairs = load_multi30k("train", "de", "en", data_dir=DATA_DIR)
-    vocab = Vocab.train([s for pair in pairs for s in pair], vocab_size=8000)
+    # The first 5000 of Multi30k's 29,000 training pairs, a 1000-subword BPE and 1024-token
+    # batches: 147 batches, each about the same share of the corpus as one 4096-token batch of
+    # the full corpus (137 batches; sorted 0.060 padding, random 0.57), at a tenth of the cost.
+    pairs = load_multi30k("train", "de", "en", data_dir=DATA_DIR)[:5000]
+    vocab = Vocab.train([s for pair in pairs for s in pair], vocab_size=1000)
     src = [len(ids) + 2 for ids in vocab.encode_batch([de for de, _ in pairs])]  # + <bos>, <eos>
     tgt = [len(ids) + 2 for ids in vocab.encode_batch([en for _, en in pairs])]
-    batches = make_batches(src, tgt, 4096, seed=0, epoch=0)
+    batches = make_batches(src, tgt, 1024, seed=0, epoch=0)
     sorted_fraction = padding_fraction(batches, src, tgt)
 
     order = list(range(len(pairs)))
@@ -106,8 +109,8 @@ def test_sorted_batching_pads_little_on_multi30k():
     unsorted_fraction = padding_fraction(unsorted, src, tgt)
 
     print(f"padding fraction: sorted {sorted_fraction:.4f}, unsorted {unsorted_fraction:.4f}")
-    assert sorted_fraction < 0.1  # measured 0.060
-    assert unsorted_fraction > 0.4  # random batches of the same size pad far more
+    assert sorted_fraction < 0.1  # measured 0.066
+    assert unsorted_fraction > 0.4  # random batches of the same size pad far more (measured 0.47)
 
 
 def test_shard_gives_every_rank_the_same_number_of_batches():
@@ -119,3 +122,14 @@ def test_shard_gives_every_rank_the_same_number_of_batches():
     assert shard(batches, 0, 1) == batches
     with pytest.raises(ValueError, match=r"rank must be in \[0, 3\), got 3"):
         shard(batches, 3, 3)
+
+
+def test_pad_sequences_right_pads_to_the_longest():
+    from attnlab.data.batching import pad_sequences
+
+    padded = pad_sequences([[5, 6, 7], [8], []], pad_id=0)
+    assert padded.dtype == torch.long
+    assert padded.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert pad_sequences([(4, 4)], pad_id=9).tolist() == [[4, 4]]
+    with pytest.raises(ValueError, match="empty"):
+        pad_sequences([], pad_id=0)

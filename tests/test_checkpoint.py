@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_transformer
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import attnlab.store.checkpoint as checkpoint
+from attnlab.data.vocab import CharVocab, vocabs_to_dict
+from attnlab.decode.translate import DecodeConfig, Translator, load_translator
 from attnlab.nn.model import Transformer, TransformerConfig
 from attnlab.store.checkpoint import (
     CheckpointError,
@@ -23,17 +27,17 @@ from attnlab.store.checkpoint import (
     write_json_atomic,
 )
 
-CONFIG = TransformerConfig(
-    src_vocab_size=40, tgt_vocab_size=40, d_model=16, num_heads=2, num_encoder_layers=1,
-    num_decoder_layers=1, d_ff=32, dropout=0.0, max_len=32, share_embeddings=True,
-)
-RUN_CONFIG = {"kind": "translation", "model": CONFIG.to_dict(), "train": {"seed": 1}}
-VOCAB = {"src": {"kind": "test", "tokens": ["<pad>", "a"]}}
+SIZES = dict(num_heads=2, num_encoder_layers=1, num_decoder_layers=1, max_len=32, share_embeddings=True)
 
 
 def make_model(seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(CONFIG).eval()
+    """The shared tiny Transformer (vocabulary 40), one layer each side, embeddings shared."""
+    return tiny_transformer(seed, **SIZES)
+
+
+CONFIG = make_model(0).config
+RUN_CONFIG = {"kind": "translation", "model": CONFIG.to_dict(), "train": {"seed": 1}}
+VOCAB = {"src": {"kind": "test", "tokens": ["<pad>", "a"]}}
 
 
 def save(directory: Path, model: Transformer, **trainer) -> Path:
@@ -261,3 +265,69 @@ def test_checkpoints_hold_only_safetensors_and_json_and_load_without_pickle(tmp_
     read_checkpoint_json(directory, "config.json")
     average_checkpoints([directory])
     assert torch.equal(fresh.output.weight, model.output.weight)
+
+
+# -- checkpoints written before W_q, W_k and W_v were fused ---------------------------------------
+def _separate_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in the layout of earlier checkpoints: each attention's W_q, W_k, W_v apart."""
+    old = {}
+    for name, tensor in state.items():
+        if name.endswith(("in_proj_weight", "in_proj_bias")):
+            prefix, kind = name.rsplit(".in_proj_", 1)
+            for part, piece in zip("qkv", tensor.chunk(3)):
+                old[f"{prefix}.w_{part}.{kind}"] = piece.contiguous()
+        else:
+            old[name] = tensor
+    return old
+
+
+def test_a_checkpoint_with_separate_projections_loads_and_translates(tmp_path):
+    vocab = CharVocab.build("ein Hund läuft. a dog runs.")
+    model = tiny_transformer(4, vocab=len(vocab), max_len=24)
+    with torch.no_grad():  # non-zero biases, so that a bias loaded into the wrong place shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    run_config = {"kind": "translation", "model": model.config.to_dict(), "train": {}}
+    directory = save_checkpoint(tmp_path / "old", model, run_config, vocabs_to_dict(vocab, vocab))
+    weights = directory / "model.safetensors"
+    old = _separate_projections(load_file(str(weights)))
+    assert "encoder_layers.0.self_attn.w_q.weight" in old and not any("in_proj" in k for k in old)
+    save_file(old, str(weights))
+
+    translator = load_translator(directory)
+    src, tgt = torch.tensor([[5, 6, 7, 2, 0]]), torch.tensor([[1, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(translator.model(src, tgt), model.eval()(src, tgt), rtol=0, atol=0)
+    sentences = ["ein Hund", "läuft."]
+    config = DecodeConfig(beam_size=2, extra_len=5)
+    assert translator.translate(sentences, config) == Translator(model, vocab, vocab).translate(sentences, config)
+    averaged = average_checkpoints([directory, directory])  # old layouts average, and load, too
+    fresh = tiny_transformer(9, vocab=len(vocab), max_len=24)
+    fresh.load_state_dict(averaged, strict=True)
+    assert torch.equal(fresh.encoder_layers[0].self_attn.in_proj_weight,
+                       model.encoder_layers[0].self_attn.in_proj_weight)
+
+
+def test_translator_refuses_a_bare_string_and_translates_nothing_to_nothing():
+    vocab = CharVocab.build("ein Hund")
+    translator = Translator(tiny_transformer(0, vocab=len(vocab)), vocab, vocab)
+    with pytest.raises(ValueError, match=r"pass a list of sentences, e\.g\. \['Ein Hund\.'\]"):
+        translator.translate("Ein Hund.")
+    with pytest.raises(ValueError, match="pass a list of sentences"):
+        translator.encode_source("Ein Hund.")
+    assert translator.translate_ids([]) == []
+    assert translator.translate([]) == [] and translator.translate(["", " "]) == ["", ""]
+
+
+def test_translating_runs_in_evaluation_mode_and_gives_the_model_back_as_it_was():
+    vocab = CharVocab.build("ein Hund läuft.")
+    model = tiny_transformer(2, vocab=len(vocab), dropout=0.5, train=True)
+    translator = Translator(model, vocab, vocab)
+    assert model.training  # building a Translator changes nothing
+    config = DecodeConfig(beam_size=1, extra_len=6)
+    sources = translator.encode_source(["ein Hund", "läuft"])
+    in_training = translator.translate_ids(sources, config)
+    assert model.training
+    assert in_training == Translator(model.eval(), vocab, vocab).translate_ids(sources, config)
+    assert not model.training

@@ -1,5 +1,6 @@
 """The command line end to end: train a tiny model, translate (arguments, a file, stdin), evaluate,
-explain; and every bad input ends with exit code 2 and a one-line message, never a traceback."""
+explain, plot, the demo; each prints what the Python API gives for the same inputs, and every bad
+input ends with exit code 2 and a one-line message, never a traceback."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.image import imread
 
 from attnlab.app.cli import main
-from attnlab.decode.translate import DecodeConfig, Translator
+from attnlab.app.evaluate import evaluate_checkpoint
+from attnlab.decode.translate import DecodeConfig, Translator, load_translator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,17 @@ def run(tmp_path_factory, one_thread) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def translator(run) -> Translator:
+    """The run's model through the Python API, to hold the command line's output against."""
+    return load_translator(run)
+
+
+def api_translations(translator: Translator, sentences: list[str], beam: int = 4) -> str:
+    """What ``attnlab translate --beam BEAM`` should print for ``sentences``: one line each."""
+    return "".join(line + "\n" for line in translator.translate(sentences, DecodeConfig(beam_size=beam)))
+
+
 def test_train_writes_a_run(run):
     pointer = json.loads((run / "checkpoints.json").read_text())
     assert pointer["last"] == "ckpt/step-0000006"
@@ -86,30 +100,35 @@ def test_train_writes_a_run(run):
 
 
 # -- translate --------------------------------------------------------------------------------------
-def test_translate_a_sentence_argument(run, capsys):
-    code, out, err = cli(["translate", "--checkpoint", run, "Ein Hund rennt durch den Park."], capsys)
+def test_translate_a_sentence_argument(run, translator, capsys):
+    sentence = "Ein Hund rennt durch den Park."
+    code, out, err = cli(["translate", "--checkpoint", run, "--threads", "1", sentence], capsys)
     assert code == 0, err
-    assert out.count("\n") == 1
+    assert out == api_translations(translator, [sentence])
+    assert out.strip()  # the comparison covered a real translation, not two empty lines
 
 
-def test_translate_warns_in_one_line_when_a_sentence_is_cut(run, capsys):
+def test_translate_warns_in_one_line_when_a_sentence_is_cut(run, translator, capsys):
     long = " ".join(["Ein Hund rennt durch den Park."] * 20)  # far more than the model's 63 subwords
-    code, out, err = cli(["translate", "--checkpoint", run, "Ein Mann.", long], capsys)
-    assert code == 0 and out.count("\n") == 2
+    code, out, err = cli(["translate", "--checkpoint", run, "--threads", "1", "Ein Mann.", long], capsys)
+    assert code == 0, err
     assert err.strip().splitlines() == [
         "attnlab translate: warning: 1 source sentence(s) (the first is number 2) are longer than the "
         "model's 63 subwords and were cut; their translations cover the start only"
     ]
+    with pytest.warns(UserWarning, match="were cut"):
+        assert out == api_translations(translator, ["Ein Mann.", long])
 
 
-def test_translate_a_file_keeps_lines_and_the_empty_one(run, tmp_path, capsys):
+def test_translate_a_file_keeps_lines_and_the_empty_one(run, translator, tmp_path, capsys):
+    lines = ["Ein Mann.", "", "Zwei Hunde spielen im Schnee.", "Eine Frau sitzt auf einer Bank."]
     source = tmp_path / "in.de"
-    source.write_text("Ein Mann.\n\nZwei Hunde spielen im Schnee.\nEine Frau sitzt auf einer Bank.\n", encoding="utf-8")
-    code, out, err = cli(["translate", "--checkpoint", run, "--input", source, "--beam", "2"], capsys)
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, err = cli(["translate", "--checkpoint", run, "--input", source, "--beam", "2", "--threads", "1"],
+                         capsys)
     assert code == 0, err
-    lines = out.split("\n")
-    assert len(lines) == 5 and lines[-1] == ""  # four lines, each ended by a newline
-    assert lines[1] == ""
+    assert out == api_translations(translator, lines, beam=2)
+    assert out.split("\n")[1] == ""  # the empty line stays empty, in its place
 
 
 def test_translate_a_file_keeps_the_order(run, tmp_path, capsys, monkeypatch):
@@ -131,32 +150,37 @@ def test_translate_reads_stdin(run, capsys, monkeypatch):
         assert out.split("\n")[:-1] == SENTENCES[:3]
 
 
-def test_translate_in_a_real_process_from_stdin(run):
+def test_translate_in_a_real_process_from_stdin(run, translator):
     result = subprocess.run(
-        [sys.executable, "-m", "attnlab", "translate", "--checkpoint", str(run), "--beam", "1"],
+        [sys.executable, "-m", "attnlab", "translate", "--checkpoint", str(run), "--beam", "1", "--threads", "1"],
         input="Ein Mann schläft.\n\nZwei Kinder spielen.\n", capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    lines = result.stdout.split("\n")
-    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+    assert result.stdout == api_translations(translator, ["Ein Mann schläft.", "", "Zwei Kinder spielen."], beam=1)
 
 
 # -- evaluate and explain -------------------------------------------------------------------------
 def test_evaluate_prints_bleu_with_the_sacrebleu_signature(run, tmp_path, capsys):
     output = tmp_path / "hyp.en"
-    code, out, err = cli(["evaluate", "--checkpoint", run, "--limit", "20", "--output", output], capsys)
+    code, out, err = cli(["evaluate", "--checkpoint", run, "--limit", "20", "--output", output, "--threads", "1"],
+                         capsys)
     assert code == 0, err
     cased, lower, timing = out.splitlines()
     signature = r"nrefs:1\|case:{}\|eff:no\|tok:13a\|smooth:exp\|version:\d+\.\d+\.\d+"
     assert re.fullmatch(r"BLEU \(cased\) += +\d+\.\d\d +" + signature.format("mixed"), cased), cased
     assert re.fullmatch(r"BLEU \(lowercased\) = +\d+\.\d\d +" + signature.format("lc"), lower), lower
     assert timing.startswith("20 sentences in ") and timing.endswith("beam 4")
-    assert output.read_text(encoding="utf-8").count("\n") == 20
+
+    with pytest.warns(UserWarning, match="were cut"):  # as the command warned, on stderr
+        expected = evaluate_checkpoint(run, "test_2016_flickr", DecodeConfig(), limit=20, progress=False)
+    assert cased.split() == f"BLEU (cased) = {expected['bleu']:.2f} {expected['signature']}".split()
+    assert lower.split() == f"BLEU (lowercased) = {expected['bleu_lc']:.2f} {expected['signature_lc']}".split()
+    assert output.read_text(encoding="utf-8") == "".join(h + "\n" for h in expected["hypotheses"])
 
 
-def test_explain_simple_prints_the_spec_digits(capsys):
+def test_explain_simple_prints_the_tutorials_digits(capsys):
     code, out, err = cli(["explain", "--example", "simple"], capsys)
     assert code == 0, err
     assert "[0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865]" in out  # scores, row 2
@@ -164,12 +188,43 @@ def test_explain_simple_prints_the_spec_digits(capsys):
     assert "[0.4419, 0.6515, 0.5683]" in out  # context vector of token 2
 
 
+def test_explain_a_checkpoint_writes_heatmaps_and_the_report(run, translator, tmp_path, capsys):
+    sentence = "Ein Mann fährt Fahrrad."
+    out_dir = tmp_path / "explain"
+    code, out, err = cli(["explain", "--checkpoint", run, sentence, "--out", out_dir, "--threads", "1"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"source:      {sentence}"
+    assert lines[1] == "translation: " + api_translations(translator, [sentence]).rstrip("\n")
+    assert lines[2] == "most attended source tokens (last layer, heads averaged):"
+    # One encoder layer and one decoder layer: encoder, decoder and cross maps, one PNG each.
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert pngs == ["cross_layer1.png", "decoder_layer1.png", "encoder_layer1.png"]
+    assert lines[-1] == f"wrote 3 heatmaps and the report: {out_dir / 'report.html'}"
+    assert (out_dir / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    top = lines[3:-1]  # one line per output token: the translation's tokens and <eos>
+    assert len(top) >= 1 and all("  ->  " in line for line in top)
+
+
+# -- plot -------------------------------------------------------------------------------------------
+def test_plot_positional_encoding_writes_the_png(tmp_path, capsys):
+    path = tmp_path / "figures" / "pe.png"
+    code, out, err = cli(["plot", "positional-encoding", "--d-model", "16", "--positions", "40", "--out", path],
+                         capsys)
+    assert code == 0, err
+    assert out == f"{path}\n"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imread(path).shape == (450, 1100, 4)  # an 11 x 4.5 inch figure at 100 dots per inch
+    code, _, err = cli(["plot", "positional-encoding", "--d-model", "16", "--positions", "0", "--out", path], capsys)
+    assert code == 2 and "positions must be positive" in err
+
+
 # -- bad inputs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["train", "--preset", "nope", "--out", "{tmp}/new"], "invalid choice: 'nope'"),
-        (["train", "--preset", "tiny", "--out", "{tmp}/new", "--max-tokens", "0"], "max_tokens must be positive, got 0"),
+        (["train", "--preset", "tiny", "--out", "{tmp}/new", "--max-tokens", "0"], "setting max_tokens must be >= 1, got 0"),
         (["train", "--preset", "tiny", "--out", "{tmp}/new", "--dropout", "lots"], "invalid float value: 'lots'"),
         (["train", "--preset", "tiny", "--out", "{run}"], "pass --resume"),
         (["translate", "--checkpoint", "{tmp}/missing", "Hallo"], "does not exist"),
@@ -178,6 +233,9 @@ def test_explain_simple_prints_the_spec_digits(capsys):
         (["translate", "--checkpoint", "{run}", "--beam", "0", "Hallo"], "beam_size must be >= 1"),
         (["evaluate", "--checkpoint", "{tmp}/missing"], "does not exist"),
         (["explain"], "give either --example"),
+        (["demo", "--out", "{tmp}/new", "--minutes", "0"], "minutes must be positive, got 0.0"),
+        (["demo", "--out", "{tmp}/new", "--test-sentences", "0"], "test_sentences must be at least 1, got 0"),
+        (["demo", "--out", "{tmp}/new", "--train-fraction", "1.5"], "train_fraction must be in (0, 1], got 1.5"),
         ([], "required: COMMAND"),
     ],
 )
@@ -189,3 +247,30 @@ def test_bad_input_gives_exit_code_2_and_one_line(argv, message, run, tmp_path, 
     assert err.startswith("attnlab") and "error: " in err and message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "new").exists()  # a refused run leaves nothing behind
+
+
+
+# -- the demo ---------------------------------------------------------------------------------------
+def test_a_short_demo_trains_translates_scores_and_writes_the_report(tmp_path, capsys, monkeypatch):
+    from attnlab.app import demo
+    from attnlab.data.corpus import load_multi30k
+    from attnlab.train.presets import get_preset
+
+    # One training thread, as everywhere in this file (the preset's threads=0 takes every core).
+    monkeypatch.setattr(demo, "get_preset", lambda name: get_preset(name).override(threads=1))
+    out = tmp_path / "demo"
+    code, stdout, err = cli(["demo", "--out", out, "--minutes", "0.1", "--train-fraction", "0.01",
+                             "--test-sentences", "5", "--shown", "2"], capsys)
+    assert code == 0, err
+    assert "Training the 'tiny' preset: German -> English, at most 0.1 minutes, on 1% of the data" in stdout
+    shown = re.findall(r"^source: +(.*)\nmodel: +(.*)\nreference: +(.*)$", stdout, re.MULTILINE)
+    pairs = load_multi30k("test_2016_flickr", "de", "en")[:2]
+    assert [(source, reference) for source, _, reference in shown] == pairs
+    translations = load_translator(out).translate([source for source, _ in pairs], DecodeConfig(beam_size=4))
+    assert [model for _, model, _ in shown] == translations
+    assert re.search(r"^test_2016_flickr BLEU: \d+\.\d\d cased, \d+\.\d\d lowercased \(5 sentences, ",
+                     stdout, re.MULTILINE), stdout
+    report = out / "explain" / "report.html"
+    assert f"report:   {report.resolve()}" in stdout
+    assert report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert len(list((out / "explain").glob("*.png"))) == 3 * 2  # encoder, decoder, cross: 2 layers each

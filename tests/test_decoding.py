@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_transformer
 
-from attnlab import Transformer, TransformerConfig, padding_mask
+from attnlab.data.batching import pad_sequences
 from attnlab.decode.search import (
     Hypothesis,
     beam_search,
@@ -13,7 +14,7 @@ from attnlab.decode.search import (
     length_penalty,
     sample,
 )
-from attnlab.decode.translate import DecodeConfig, Translator, _MemoryState
+from attnlab.decode.translate import DecodeConfig, Translator
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 
@@ -54,7 +55,7 @@ TABLE = {
 
 
 def test_greedy_follows_the_most_likely_token():
-    out = greedy_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5)
+    out = greedy_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, pad_id=PAD)
     assert out == [[A, A]]  # 0.5 * 0.4 * 0.9 = 0.18
 
 
@@ -63,45 +64,74 @@ def test_beam_search_matches_hand_computed_scores():
     # Step 2: b+eos = 0.4*0.9 = 0.36 ranks first -> finished, length 2 (b, eos).
     #         a+a = 0.2 and a+b = 0.15 stay alive (a+eos = 0.15 ranks 4th).
     # Step 3: a,a+eos = 0.18 ranks first -> finished: two hypotheses, done.
-    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.6)
+    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.6, pad_id=PAD)
     expected_b = math.log(0.36) / ((5 + 2) / 6) ** 0.6
     assert hyps[0].tokens == [B]
     assert hyps[0].score == pytest.approx(expected_b, abs=1e-6)
     # With alpha = 0 the score is the plain log-probability.
-    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.0)
+    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.0, pad_id=PAD)
     assert hyps == [Hypothesis([B], pytest.approx(math.log(0.36), abs=1e-6))]
 
 
 def test_length_penalty_favours_longer_hypotheses_as_alpha_grows():
-    # a,a (0.18, length 3) vs b (0.36, length 2): alpha decides which wins only through the penalty.
+    # Beam 2. Step 1: eos (0.45, length 1) finishes at once; a (0.55) stays alive.
+    # Step 2: a,eos (0.55 * 0.8 = 0.44, length 2) finishes: two hypotheses, done.
+    # The shorter one is the more likely, so alpha = 0 picks it; alpha = 0.6 divides the longer
+    # one's log-probability by (7/6)^0.6 against (6/6)^0.6 = 1 and it wins.
+    table = {(): [0, 0, 0.45, 0.55, 0], (A,): [0, 0, 0.8, 0.2, 0]}
+    plain = beam_search(table_step(table), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.0, pad_id=PAD)
+    assert plain == [Hypothesis([], pytest.approx(math.log(0.45), abs=1e-6))]
+    penalised = beam_search(table_step(table), Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.6, pad_id=PAD)
+    expected = math.log(0.44) / float(length_penalty(2, 0.6))
+    assert expected > math.log(0.45)  # the flip, by hand
+    assert penalised == [Hypothesis([A], pytest.approx(expected, abs=1e-6))]
     assert float(length_penalty(2, 0.6)) == pytest.approx((7 / 6) ** 0.6)
     assert float(length_penalty(3, 0.0)) == 1.0
 
 
+# The most likely token is a special one that must never be emitted; without it the best path is
+# a (0.3), then b (0.2), then eos (0.35).
+def special_first(special: int) -> dict[tuple[int, ...], list[float]]:
+    rows = {(): [0.0, 0.0, 0.1, 0.3, 0.1], (A,): [0.0, 0.0, 0.1, 0.1, 0.2], (A, B): [0.0, 0.0, 0.35, 0.15, 0.1]}
+    for probs in rows.values():
+        probs[special] = 1.0 - sum(probs)
+    return rows
+
+
+@pytest.mark.parametrize("special", [PAD, BOS])
+def test_search_never_emits_pad_or_bos_and_beam_one_stays_greedy(special):
+    table = special_first(special)
+    assert all(max(range(5), key=row.__getitem__) == special for row in table.values())
+    greedy = greedy_search(table_step(table), Stateless(), 1, BOS, EOS, max_len=6, pad_id=PAD)
+    beam_one = beam_search(table_step(table), Stateless(), 1, BOS, EOS, max_len=6, beam_size=1, pad_id=PAD)
+    assert greedy == [[A, B]]
+    assert [h.tokens for h in beam_one] == greedy
+    assert beam_one[0].score == pytest.approx(math.log(0.3 * 0.2 * 0.35) / float(length_penalty(3, 0.6)))
+    wide = beam_search(table_step(table), Stateless(), 1, BOS, EOS, max_len=6, beam_size=3, pad_id=PAD)
+    assert not {PAD, BOS} & set(wide[0].tokens)
+
+
 def test_beam_one_is_greedy_on_the_table():
-    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=1)
-    assert [h.tokens for h in hyps] == greedy_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5)
+    hyps = beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, beam_size=1, pad_id=PAD)
+    assert [h.tokens for h in hyps] == greedy_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=5, pad_id=PAD)
 
 
 def test_max_len_forces_the_end():
     looping = {(): [0, 0, 0.0, 1.0, 0.0]}
     looping.update({(A,) * n: [0, 0, 0.0, 1.0, 0.0] for n in range(1, 6)})
-    assert greedy_search(table_step(looping), Stateless(), 1, BOS, EOS, max_len=3) == [[A, A]]
-    hyps = beam_search(table_step(looping), Stateless(), 1, BOS, EOS, max_len=3, beam_size=2)
+    assert greedy_search(table_step(looping), Stateless(), 1, BOS, EOS, max_len=3, pad_id=PAD) == [[A, A]]
+    hyps = beam_search(table_step(looping), Stateless(), 1, BOS, EOS, max_len=3, beam_size=2, pad_id=PAD)
     assert hyps[0].tokens == [A, A]
 
 
 def test_bad_beam_size():
     with pytest.raises(ValueError, match="beam_size"):
-        beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=3, beam_size=0)
+        beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=3, beam_size=0, pad_id=PAD)
 
 
 @pytest.fixture(scope="module")
 def translator():
-    torch.manual_seed(0)
-    cfg = TransformerConfig(src_vocab_size=40, tgt_vocab_size=40, d_model=32, num_heads=4,
-                            num_encoder_layers=2, num_decoder_layers=2, d_ff=64, dropout=0.0)
-    model = Transformer(cfg).eval()
+    model = tiny_transformer(0, d_model=32, d_ff=64)  # vocabulary 40, evaluation mode
 
     class Ids:  # a vocabulary stand-in: only the special ids matter here
         pad_id, bos_id, eos_id = PAD, BOS, EOS
@@ -114,18 +144,16 @@ SOURCES = [[5, 6, 7, 8, EOS], [9, 10, EOS], [11, 12, 13, 14, 15, 16, EOS]]
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_cached_decoding_gives_the_same_tokens(translator, beam):
-    cached = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, max_len_a=8))
-    uncached = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, max_len_a=8, use_cache=False))
+    cached = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, extra_len=8))
+    uncached = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, extra_len=8, use_cache=False))
     assert cached == uncached
     assert any(len(ids) > 2 for ids in cached)  # the comparison covered real multi-step decodes
 
 
 def test_cached_step_logits_equal_uncached(translator):
     model = translator.model
-    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]])
-    mask = padding_mask(src, PAD)
-    memory = model.encode(src, mask)
-    cached_state, plain_state = model.start_decoding(memory, mask), _MemoryState(memory, mask)
+    encoded = model.encode(torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]]))
+    cached_state, plain_state = model.start_decoding(encoded), encoded
     prefix = torch.full((2, 1), BOS)
     for _ in range(6):
         cached, cached_state = translator._cached_step(prefix, cached_state)
@@ -149,18 +177,11 @@ def test_a_source_too_long_for_the_model_is_cut_with_a_warning(translator):
 
 
 def test_beam_one_equals_greedy_on_a_model(translator):
-    greedy = translator.translate_ids(SOURCES, DecodeConfig(beam_size=1, max_len_a=8))
-    state = translator.model.start_decoding(*_encode(translator.model, SOURCES))
+    greedy = translator.translate_ids(SOURCES, DecodeConfig(beam_size=1, extra_len=8))
+    state = translator.model.start_decoding(translator.model.encode(pad_sequences(SOURCES, PAD)))
     hyps = beam_search(translator._cached_step, state, len(SOURCES), BOS, EOS,
-                       torch.tensor([len(s) + 8 for s in SOURCES]), beam_size=1)
+                       torch.tensor([len(s) + 8 for s in SOURCES]), beam_size=1, pad_id=PAD)
     assert [h.tokens for h in hyps] == greedy
-
-
-def _encode(model, sources):
-    width = max(map(len, sources))
-    src = torch.tensor([s + [PAD] * (width - len(s)) for s in sources])
-    mask = padding_mask(src, PAD)
-    return model.encode(src, mask), mask
 
 
 def test_sampling_repeats_with_a_seed_and_respects_top_k():

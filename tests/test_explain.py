@@ -8,11 +8,14 @@ import re
 
 import pytest
 import torch
+from helpers import tiny_transformer
 
 from attnlab.data.vocab import CharVocab, Vocab
 from attnlab.decode.translate import DecodeConfig, Translator
 from attnlab.inspect.explain import (
+    COFFEE_W_K,
     COFFEE_W_Q,
+    COFFEE_W_V,
     COFFEE_X,
     JOURNEY_INPUTS,
     TUTORIAL_X,
@@ -23,7 +26,7 @@ from attnlab.inspect.explain import (
     format_walkthrough,
     walkthrough,
 )
-from attnlab.nn.model import Transformer, TransformerConfig
+from attnlab.nn.model import Transformer
 
 
 def squash(text: str) -> str:
@@ -37,10 +40,10 @@ def step(steps: list[Step], title_start: str) -> Step:
     return matches[0]
 
 
-# -- SPEC 1: simple self-attention ------------------------------------------------------------
+# -- the tutorials' first worked example: six 3-d token embeddings, no weights ----------------
 
 
-def test_simple_prints_the_spec_digits():
+def test_simple_prints_the_tutorials_digits():
     text = explain_example("simple")
     assert "[0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865]" in text  # scores, row 2
     assert "[[0.9995," in text  # scores[0, 0]
@@ -77,7 +80,7 @@ def test_simple_steps_hold_the_computed_tensors():
         steps[0].title = "changed"
 
 
-# -- SPEC 2, example A: she likes coffee ------------------------------------------------------
+# -- example A: "she likes coffee", three 4-d tokens, fixed W_q = W_k and W_v ---------------
 
 
 def test_trainable_output_to_six_decimals():
@@ -93,15 +96,21 @@ def test_trainable_output_to_six_decimals():
     assert "1/sqrt(d_k) = 1/sqrt(4) = 0.5000" in text
 
 
-def test_trainable_uses_float64_and_the_spec_weights():
+def test_trainable_uses_float64_and_the_examples_weights():
     steps = walkthrough("trainable")
     assert step(steps, "Example A").tensor.dtype == torch.float64
     assert step(steps, "Outputs").tensor.dtype == torch.float64
-    torch.testing.assert_close(step(steps, "Queries").tensor, COFFEE_X @ COFFEE_W_Q)
-    assert torch.allclose(COFFEE_W_Q.diagonal(), torch.full((4,), 0.9, dtype=torch.float64))
+    # The walk-through shows the example's matrices and computes Q, K and V with exactly them.
+    for name, weight, product in (("W_q", COFFEE_W_Q, "Queries"), ("W_k", COFFEE_W_K, "Keys"),
+                                  ("W_v", COFFEE_W_V, "Values")):
+        assert torch.equal(step(steps, name).tensor, weight)
+        torch.testing.assert_close(step(steps, product).tensor, COFFEE_X @ weight, rtol=0, atol=1e-15)
+    # ... and its outputs are softmax(Q Kᵀ / 2) V of those products (d_k = 4).
+    q, k, v = COFFEE_X @ COFFEE_W_Q, COFFEE_X @ COFFEE_W_K, COFFEE_X @ COFFEE_W_V
+    torch.testing.assert_close(step(steps, "Outputs").tensor, (q @ k.T / 2).softmax(-1) @ v)
 
 
-# -- SPEC 2, example B: the tutorial's matrices -----------------------------------------------
+# -- example B: the tutorial's three 4-d inputs and integer W_q, W_k, W_v ---------------------
 
 
 def test_tutorial_prints_q_k_v_and_raw_scores():
@@ -180,18 +189,18 @@ def char_vocabs() -> tuple[CharVocab, CharVocab]:
     return CharVocab.build("ein Mann fährt Rad."), CharVocab.build("a man rides a bike.")
 
 
-def tiny_transformer(src_vocab_size: int, tgt_vocab_size: int, layers: tuple[int, int] = (2, 3)) -> Transformer:
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, d_model=16, num_heads=4,
-        num_encoder_layers=layers[0], num_decoder_layers=layers[1], d_ff=32, dropout=0.1,
-    )
-    return Transformer(config)
+def translation_model(
+    src_vocab_size: int, tgt_vocab_size: int, layers: tuple[int, int] = (2, 3), **overrides
+) -> Transformer:
+    """The shared tiny Transformer, with these vocabularies and layer counts and some dropout."""
+    return tiny_transformer(0, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+                            num_encoder_layers=layers[0], num_decoder_layers=layers[1], dropout=0.1,
+                            **overrides)
 
 
 def test_explain_translation_writes_every_map(char_vocabs, tmp_path):
     src_vocab, tgt_vocab = char_vocabs
-    model = tiny_transformer(len(src_vocab), len(tgt_vocab))
+    model = translation_model(len(src_vocab), len(tgt_vocab))
     ids = tgt_vocab.encode("a bike")
     calls = []
 
@@ -236,7 +245,7 @@ def test_explain_translation_writes_every_map(char_vocabs, tmp_path):
 
 def test_explain_translation_of_an_empty_translation(char_vocabs, tmp_path):
     src_vocab, tgt_vocab = char_vocabs
-    model = tiny_transformer(len(src_vocab), len(tgt_vocab), layers=(1, 1))
+    model = translation_model(len(src_vocab), len(tgt_vocab), layers=(1, 1))
     result = explain_translation(model, src_vocab, tgt_vocab, "ein", tmp_path, lambda s: [])
     assert result.tgt_tokens == ["<bos>"] and result.output_tokens == ["<eos>"]
     assert tuple(result.maps["cross"][0].shape) == (4, 1, 4)
@@ -244,13 +253,27 @@ def test_explain_translation_of_an_empty_translation(char_vocabs, tmp_path):
         explain_translation(model, src_vocab, tgt_vocab, "ein", tmp_path, lambda s: [5, tgt_vocab.eos_id, 6])
 
 
+def test_explain_translation_cuts_an_over_long_source_as_translation_does(char_vocabs, tmp_path):
+    """One policy for a source longer than the model's positions: warn, then cut (Translator.encode_source)."""
+    src_vocab, tgt_vocab = char_vocabs
+    model = translation_model(len(src_vocab), len(tgt_vocab), layers=(1, 1), max_len=8)
+    sentence = "ein Mann fährt Rad."
+    with pytest.warns(UserWarning, match="longer than the model's 7 subwords and were cut") as explained:
+        result = explain_translation(model, src_vocab, tgt_vocab, sentence, tmp_path, lambda s: [])
+    with pytest.warns(UserWarning, match="were cut") as translated:
+        expected = Translator(model, src_vocab, tgt_vocab).encode_source([sentence])[0]
+    assert str(explained[0].message) == str(translated[0].message)
+    assert result.src_tokens == [*sentence[:7], "<eos>"]
+    assert result.src_tokens == [src_vocab.id_to_token(i) for i in expected]
+
+
 def test_explain_translation_with_a_greedy_translator_and_bpe(tmp_path):
     """Decoder position i is the one that produced output token i, and the maps equal cached decoding."""
     src_vocab = Vocab.train(["ein Mann fährt ein Rad .", "eine Frau liest ."] * 3, vocab_size=300, min_frequency=1)
     tgt_vocab = Vocab.train(["a man rides a bike .", "a woman reads ."] * 3, vocab_size=300, min_frequency=1)
-    model = tiny_transformer(len(src_vocab), len(tgt_vocab), layers=(1, 2))
+    model = translation_model(len(src_vocab), len(tgt_vocab), layers=(1, 2))
     translator = Translator(model, src_vocab, tgt_vocab)
-    greedy = DecodeConfig(beam_size=1, max_len_a=4)
+    greedy = DecodeConfig(beam_size=1, extra_len=4)
     sentence = "ein Mann fährt"
 
     def translate_fn(s: str) -> list[int]:
@@ -262,13 +285,14 @@ def test_explain_translation_with_a_greedy_translator_and_bpe(tmp_path):
 
     with torch.no_grad():
         src = torch.tensor(translator.encode_source([sentence]))  # (1, S)
-        memory = model.encode(src)
+        encoded = model.encode(src)
         tgt = torch.tensor([[tgt_vocab.bos_id, *result.translation_ids]])  # (1, T)
-        predicted = model.decode(tgt, memory).argmax(-1)[0].tolist()
+        predicted = model.decode(tgt, encoded).logits.argmax(-1)[0].tolist()
         assert predicted[:-1] == result.translation_ids  # row i produced output token i
 
-        state = model.start_decoding(memory)
+        state = model.start_decoding(encoded)
         for t, token in enumerate(tgt[0].tolist()):
-            _, state, weights = model.decode_step(torch.tensor([[token]]), state, need_weights=True)
-            for layer, w in enumerate(weights["cross"]):
+            step = model.decode_step(torch.tensor([[token]]), state, need_weights=True)
+            state = step.state
+            for layer, w in enumerate(step.cross_weights):
                 torch.testing.assert_close(w[0, :, 0], result.maps["cross"][layer][:, t])

@@ -1,19 +1,20 @@
-"""The lean decoding step reproduces the decoder-only model's modules, cache included."""
+"""The lean decoding step reproduces the decoder-only model's modules, cache included, and refuses a
+model that differs from what it computes."""
 
 import pytest
 import torch
-from helpers import randomize_norms_
+import torch.nn.functional as F
+from helpers import randomize_norms_, tiny_language_model
+from torch import nn
 
 from attnlab.decode.generate import generate
 from attnlab.nn import fast_decode
-from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
+from attnlab.nn.model import DecoderOnlyTransformer
 
 
-def _model(norm_first: bool) -> DecoderOnlyTransformer:
-    torch.manual_seed(0)
-    config = LanguageModelConfig(vocab_size=30, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=16,
-                                 norm_first=norm_first)
-    model = DecoderOnlyTransformer(config)
+def _model(norm_first: bool, **overrides) -> DecoderOnlyTransformer:
+    """The shared tiny language model (vocabulary 30, context 16), biases and norms made non-trivial."""
+    model = tiny_language_model(0, norm_first=norm_first, **overrides)
     with torch.no_grad():  # non-zero biases, so a bias left out or misplaced shows
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -64,3 +65,58 @@ def test_pack_and_step_refuse_what_they_cannot_do():
 def test_generate_names_a_bad_prompt(prompt, message):
     with pytest.raises(ValueError, match=message):
         generate(_model(norm_first=True), prompt, 3)
+
+
+# -- pack checks every assumption the lean step makes ---------------------------------------------------
+def _gelu_feed_forward(model):
+    model.layers[1].feed_forward.activation = F.gelu
+
+
+def _eps(model):
+    model.layers[0].norm2.eps = 1e-6
+
+
+def _norm_placement(model):
+    model.layers[0].norm_first = not model.layers[0].norm_first
+
+
+def _untied_output(model):
+    model.output.weight = nn.Parameter(model.output.weight.detach().clone())
+
+
+def _output_bias(model):
+    model.output.bias = nn.Parameter(torch.zeros(model.config.vocab_size))
+
+
+def _dropout_in_training(model):
+    model.layers[1].dropout1.train()
+
+
+def _extra_module(model):
+    model.layers[0].scale = nn.Linear(32, 32).eval()
+
+
+def _heads(model):
+    model.layers[0].self_attn.num_heads = 8
+
+
+@pytest.mark.parametrize("change, message", [
+    (_gelu_feed_forward, "ReLU"), (_eps, "eps 1e-05"), (_norm_placement, "norm_first=True"),
+    (_untied_output, "tied to the embeddings"), (_output_bias, "without bias"), (_dropout_in_training, "eval"),
+    (_extra_module, r"exactly the modules .*'scale'"), (_heads, "num_heads=4"),
+])
+def test_pack_refuses_a_model_that_differs_from_what_step_computes(change, message):
+    model = _model(norm_first=True)
+    fast_decode.pack(model)  # the model as it is: accepted
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        fast_decode.pack(model)
+
+
+def test_pack_follows_the_config_for_tying_and_norms():
+    model = _model(norm_first=False, tie_embeddings=False)
+    packed = fast_decode.pack(model)
+    assert packed.final_norm is None and packed.output.data_ptr() == model.output.weight.data_ptr()
+    model.output.weight = model.embed.embedding.weight  # tied, although the config says untied
+    with pytest.raises(ValueError, match="separate from the embeddings"):
+        fast_decode.pack(model)

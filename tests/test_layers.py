@@ -40,7 +40,7 @@ def test_positional_table_has_max_len_rows_by_default():
 
 def test_tutorial_example_d32_60_positions():
     pe = PositionalEncoding(d_model=32, dropout=0.0)
-    x = torch.randn(1, 60, 32)
+    x = torch.randn(1, 60, 32, generator=torch.Generator().manual_seed(0))
     out = pe(x)
     assert out.shape == (1, 60, 32)
     torch.testing.assert_close(out, x + pe.P[:, :60], rtol=0, atol=0)
@@ -57,7 +57,7 @@ def test_positional_values_follow_the_formula(i, j):
 
 def test_positional_encoding_with_a_start_offset():
     pe = PositionalEncoding(d_model=8, dropout=0.0, max_len=20)
-    x = torch.randn(2, 4, 8)
+    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pe(x, start=5), x + pe.P[:, 5:9], rtol=0, atol=0)
     # Position t alone, offset by t, is the t-th row of the whole sequence's encoding.
     torch.testing.assert_close(pe(x[:, 2:3], start=2), pe(x)[:, 2:3], rtol=0, atol=0)
@@ -160,3 +160,32 @@ def test_decoder_layer_run_with_a_cache_equals_forward(norm_first):
         assert result.self_weights.shape == (2, HEADS, 1, t + 1)
         assert result.cross_weights.shape == (2, HEADS, 1, 7)
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
+
+
+# -- one implementation of the blocks, the checkpoint keys unchanged ------------------------------------
+def test_layer_state_dict_keys_are_the_checkpoint_keys():
+    attention = ["in_proj_weight", "in_proj_bias", "w_o.weight", "w_o.bias"]
+    feed_forward = ["feed_forward.w_1.weight", "feed_forward.w_1.bias", "feed_forward.w_2.weight",
+                    "feed_forward.w_2.bias"]
+
+    def norms(*names: str) -> list[str]:
+        return [f"{n}.{kind}" for n in names for kind in ("weight", "bias")]
+
+    encoder = EncoderLayer(E, HEADS, D_FF).state_dict()
+    assert sorted(encoder) == sorted([f"self_attn.{k}" for k in attention] + feed_forward + norms("norm1", "norm2"))
+    decoder = DecoderLayer(E, HEADS, D_FF).state_dict()
+    assert sorted(decoder) == sorted([f"{a}.{k}" for a in ("self_attn", "cross_attn") for k in attention]
+                                     + feed_forward + norms("norm1", "norm2", "norm3"))
+
+
+def test_layers_check_their_inputs_at_forward():
+    layer = DecoderLayer(E, HEADS, D_FF)
+    x, memory = leaves((2, 5, E), (2, 4, E), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"self_mask of shape \(4, 4\) does not broadcast"):
+        layer(x, memory, causal_mask(4))
+    with pytest.raises(ValueError, match="cross_mask.*does not broadcast"):
+        layer(x, memory, causal_mask(5), torch.ones(2, 1, 1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="memory has 6 features"):
+        layer(x, memory[..., :6])
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 1, 1, 4\) does not broadcast"):
+        EncoderLayer(E, HEADS, D_FF)(x, torch.ones(2, 1, 1, 4, dtype=torch.bool))

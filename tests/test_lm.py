@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_language_model
 
 from attnlab.decode.generate import (
     _cached_step,
@@ -9,7 +10,7 @@ from attnlab.decode.generate import (
     _Window,
     generate,
 )
-from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
+from attnlab.nn.model import LanguageModelConfig
 from attnlab.train.config import TrainConfig
 from attnlab.train.presets import get_preset
 from attnlab.train.tasks import LanguageModelTask
@@ -17,13 +18,15 @@ from attnlab.train.tasks import LanguageModelTask
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    return DecoderOnlyTransformer(LanguageModelConfig(vocab_size=30, d_model=32, num_heads=4, num_layers=2,
-                                                      d_ff=64, max_len=16)).eval()
+    return tiny_language_model(0)  # vocabulary 30, context 16, evaluation mode
+
+
+def random_tokens(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 30, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def test_step_by_step_cache_equals_full_forward(lm):
-    tokens = torch.randint(0, 30, (3, 16))
+    tokens = random_tokens(3, 16)
     full = lm(tokens)  # (3, 16, 30)
     state, pieces = lm.start(), []
     for chunk in (tokens[:, :5], tokens[:, 5:6], tokens[:, 6:16]):  # a prefill, then steps of any size
@@ -35,7 +38,7 @@ def test_step_by_step_cache_equals_full_forward(lm):
 
 def test_windowed_generation_cached_equals_uncached(lm):
     # 40 new tokens with a 16-token context: the window restarts several times.
-    prompt = torch.randint(0, 30, (2, 3))
+    prompt = random_tokens(2, 3, seed=1)
     cached_step, plain_step = _cached_step(lm, keep=8), _uncached_step(lm, keep=8)
     prefix, cached_state, plain_state = prompt, _Window(0, None), _Window(0, None)
     restarts = 0
@@ -58,6 +61,19 @@ def test_generation_repeats_with_a_seed(lm):
     other = generate(lm, prompt, 30, seed=8, temperature=1.0)
     assert torch.equal(one, two) and not torch.equal(one, other)
     assert one.shape == (1, 33) and torch.equal(one[:, :3], prompt)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_samples_in_eval_mode_and_gives_the_mode_back(training):
+    model = tiny_language_model(3, train=training, dropout=0.5)
+    prompt = torch.tensor([[1, 2, 3]])
+    for use_cache in (True, False):
+        out = generate(model, prompt, 12, seed=5, use_cache=use_cache)
+        assert model.training is training
+        assert all(m.training is training for m in model.modules())
+        # Dropout 0.5 would change the draw: the output is the evaluation-mode model's.
+        reference = tiny_language_model(3, dropout=0.5)
+        assert torch.equal(out, generate(reference, prompt, 12, seed=5, use_cache=use_cache))
 
 
 def test_generate_rejects_an_empty_prompt(lm):
@@ -103,7 +119,7 @@ def test_beam_search_over_the_language_model_is_the_same_cached_or_not(lm):
             return step(torch.cat([prompt.expand(prefix.size(0), -1), prefix[:, 1:]], dim=1), window)
         return run
 
-    kwargs = dict(batch_size=1, bos_id=7, eos_id=2, max_len=30, beam_size=3)
+    kwargs = dict(batch_size=1, bos_id=7, eos_id=2, max_len=30, beam_size=3, pad_id=0)
     cached = beam_search(prompted(_cached_step(lm, keep=8)), _Window(0, None), **kwargs)
     plain = beam_search(prompted(_uncached_step(lm, keep=8)), _Window(0, None), **kwargs)
     assert [h.tokens for h in cached] == [h.tokens for h in plain]

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_transformer
 from torch import nn
 
-from attnlab.nn.model import Transformer, TransformerConfig
+from attnlab.nn.model import Transformer
 from attnlab.train.optim import build_adam, cosine_lr, noam_lr
 
 
@@ -82,11 +83,9 @@ def test_cosine_rejects_steps_before_one(step):
 
 # -- Adam ---------------------------------------------------------------------------------------
 def _tied_model() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(TransformerConfig(
-        src_vocab_size=50, tgt_vocab_size=50, d_model=16, num_heads=2, num_encoder_layers=1,
-        num_decoder_layers=1, d_ff=32, share_embeddings=True,
-    ))
+    """The shared tiny Transformer with one vocabulary of 50, one embedding matrix for all three uses."""
+    return tiny_transformer(0, vocab=50, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                            share_embeddings=True)
 
 
 def test_build_adam_uses_the_papers_settings():

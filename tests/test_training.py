@@ -21,8 +21,15 @@ from attnlab.store.checkpoint import read_checkpoint_json, resolve_checkpoint
 from attnlab.train.config import TrainConfig
 from attnlab.train.optim import cosine_lr, noam_lr
 from attnlab.train.presets import get_preset
-from attnlab.train.tasks import build_task
-from attnlab.train.trainer import World, learning_rate, setup_world, train, train_step
+from attnlab.train.tasks import TranslationTask, build_task
+from attnlab.train.trainer import (
+    World,
+    learning_rate,
+    resume,
+    setup_world,
+    train,
+    train_step,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,12 +50,18 @@ def small_config(**changes) -> TrainConfig:
     return get_preset("tiny").override(**{**SMALL, **changes})
 
 
+def flat_settings(config: TrainConfig) -> dict:
+    """Every setting by name, the task's and the common ones, as the command line sees them."""
+    data = config.to_dict()
+    return {**{k: v for k, v in data.pop("task").items() if k != "kind"}, **data}
+
+
 def cli_flags(config: TrainConfig) -> list[str]:
     """``attnlab train`` flags that turn the preset into ``config``."""
-    preset = get_preset(config.preset)
+    preset = flat_settings(get_preset(config.preset))
     flags = []
-    for name, value in config.to_dict().items():
-        if name != "preset" and value != getattr(preset, name):
+    for name, value in flat_settings(config).items():
+        if name != "preset" and value != preset[name]:
             flags += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
     return flags
 
@@ -124,7 +137,7 @@ def test_learning_rate_follows_the_configured_schedule():
 
 
 def test_batches_stay_within_max_tokens_for_the_real_lengths(task):
-    limit = task.config.max_tokens
+    limit = task.settings.max_tokens
     for epoch in (0, 1):
         batches = task.batches(epoch)
         assert len(batches) == BATCHES_PER_EPOCH
@@ -171,7 +184,7 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     _, _, killed_at = last_state(run_b)
     assert every <= killed_at["step"] < steps and killed_at["batch"] != 0, killed_at  # a mid-epoch checkpoint
 
-    summary = train(config, run_b, resume=True, progress=False, echo=quiet)
+    summary = resume(run_b, progress=False, echo=quiet)
     assert summary["steps"] == steps
 
     weights_a, trainer_a, info_a = last_state(tmp_path / "a")
@@ -189,7 +202,7 @@ def test_a_run_resumed_from_an_epoch_end_checkpoint_ends_with_the_same_weights(t
     _, _, stopped_at = last_state(tmp_path / "b")
     assert (stopped_at["step"], stopped_at["epoch"], stopped_at["batch"]) == (BATCHES_PER_EPOCH, 1, 0)
 
-    train(config, tmp_path / "b", resume=True, progress=False, echo=quiet)
+    resume(tmp_path / "b", epochs=2, progress=False, echo=quiet)
     weights_a, trainer_a, info_a = last_state(tmp_path / "a")
     weights_b, trainer_b, info_b = last_state(tmp_path / "b")
     assert info_a["step"] == info_b["step"] == 2 * BATCHES_PER_EPOCH
@@ -197,21 +210,30 @@ def test_a_run_resumed_from_an_epoch_end_checkpoint_ends_with_the_same_weights(t
     assert_same_tensors(trainer_a, trainer_b)
 
 
-def test_resume_takes_settings_from_the_checkpoint_and_length_from_the_caller(tmp_path):
-    first = small_config(max_steps=3, eval_every=3)
+def test_resume_takes_every_setting_from_the_run_and_only_run_length_from_the_caller(tmp_path):
+    first = small_config(max_steps=3, eval_every=3, time_limit=0.0)
     train(first, tmp_path, progress=False, echo=quiet)
-    # the model settings passed here are ignored (the run's own are used); max_steps is taken
-    summary = train(first.override(max_steps=5, d_model=64), tmp_path, resume=True, progress=False, echo=quiet)
+    summary = resume(tmp_path, max_steps=5, progress=False, echo=quiet)
     assert summary["steps"] == 5
     saved = TrainConfig.from_dict(read_checkpoint_json(resolve_checkpoint(tmp_path, "last"), "config.json")["train"])
-    assert saved == first.override(max_steps=5)
+    assert saved == first.override(max_steps=5)  # the preset's 6-minute limit and 30 epochs did not come back
+    assert saved.time_limit == 0.0 and saved.epochs == first.epochs
+
+
+@pytest.mark.parametrize("changes, names", [({"d_model": 64}, "d_model"), ({"lr": 0.1, "vocab_size": 9}, "lr, vocab_size")])
+def test_resume_refuses_to_change_what_a_run_cannot_change(tmp_path, changes, names):
+    train(small_config(max_steps=1, eval_every=1), tmp_path, progress=False, echo=quiet)
+    before = (tmp_path / "checkpoints.json").read_text()
+    with pytest.raises(ValueError, match=f"cannot change {names} when resuming"):
+        resume(tmp_path, progress=False, echo=quiet, **changes)
+    assert (tmp_path / "checkpoints.json").read_text() == before
 
 
 def test_resuming_a_run_that_reached_max_steps_takes_no_step(tmp_path):
     config = small_config(max_steps=3, eval_every=3)
     train(config, tmp_path, progress=False, echo=quiet)
     before, _, _ = last_state(tmp_path)
-    summary = train(config, tmp_path, resume=True, progress=False, echo=quiet)
+    summary = resume(tmp_path, progress=False, echo=quiet)
     assert summary["steps"] == 3
     assert summary["stop_reason"] == "reached max_steps=3"
     after, _, info = last_state(tmp_path)
@@ -229,7 +251,7 @@ def test_starting_over_an_existing_run_asks_for_resume(finished_run):
 
 def test_resume_without_a_run_raises(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        train(small_config(max_steps=1), tmp_path / "none", resume=True, progress=False, echo=quiet)
+        resume(tmp_path / "none", progress=False, echo=quiet)
 
 
 # -- data parallel ----------------------------------------------------------------------------------
@@ -363,8 +385,21 @@ def test_the_log_the_plot_and_the_summary(finished_run):
     assert average["checkpoints"] == ["step-0000006", "step-0000008"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    assert summary["model"] in ("ckpt/averaged", "ckpt/step-0000003", "ckpt/step-0000006", "ckpt/step-0000008")
+    pointer = json.loads((out / "checkpoints.json").read_text())
+    best_bleu = next(h["val_bleu"] for h in pointer["history"] if h["checkpoint"] == pointer["best"])
+    assert summary["model"] == ("ckpt/averaged" if average["val_bleu"] > best_bleu else pointer["best"])
     assert resolve_checkpoint(out) == out / summary["model"]
+
+
+@pytest.mark.parametrize("scores, chosen", [((1.0, 2.0, 3.0), "ckpt/averaged"), ((3.0, 1.0, 2.0), "ckpt/step-0000002")])
+def test_the_model_is_the_better_of_the_average_and_the_best_checkpoint(tmp_path, monkeypatch, scores, chosen):
+    """Evaluations at steps 2 and 4 score scores[0] and scores[1], the average of both scores[2]."""
+    given = iter(scores)
+    monkeypatch.setattr(TranslationTask, "evaluate", lambda self, model, device: {"val_bleu": next(given)})
+    summary = train(small_config(max_steps=4, eval_every=2, average_last=2), tmp_path, progress=False, echo=quiet)
+    assert summary["model"] == chosen
+    assert summary["val_bleu"] == max(scores[2], max(scores[:2]))
+    assert resolve_checkpoint(tmp_path) == tmp_path / chosen
 
 
 def test_every_checkpoint_stores_the_train_config(finished_run, task):
@@ -379,3 +414,86 @@ def test_every_checkpoint_stores_the_train_config(finished_run, task):
     pointer = json.loads((out / "checkpoints.json").read_text())
     assert pointer["last"] == "ckpt/step-0000008"
     assert [h["checkpoint"] for h in pointer["history"]] == ["ckpt/step-0000003", "ckpt/step-0000006", "ckpt/step-0000008"]
+
+
+# -- the language model, end to end ---------------------------------------------------------------
+def test_a_language_model_trains_loads_and_generates_through_the_command_line(tmp_path, capsys):
+    from attnlab.app.cli import main
+    from attnlab.decode.generate import generate, load_language_model
+
+    run = tmp_path / "lm"
+    flags = ["--max-steps", "4", "--eval-every", "2", "--num-layers", "1", "--d-model", "32", "--num-heads", "2",
+             "--d-ff", "64", "--context", "16", "--batch-size", "4", "--warmup", "2", "--threads", "1"]
+    assert main(["train", "--preset", "shakespeare-char", "--out", str(run), "--no-progress", *flags]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["val_loss"] > 0
+    saved = TrainConfig.from_dict(read_checkpoint_json(resolve_checkpoint(run), "config.json")["train"])
+    assert saved.kind == "lm" and (saved.task.num_layers, saved.task.context) == (1, 16)
+    capsys.readouterr()
+
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                 "--seed", "3", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    model, vocab = load_language_model(run)
+    ids = generate(model, torch.tensor([vocab.encode("ROMEO:")]), 30, temperature=0.8, seed=3)
+    assert printed == vocab.decode(ids[0].tolist()) + "\n"
+    assert printed.startswith("ROMEO:") and ids.shape == (1, len("ROMEO:") + 30)
+
+
+# -- the train command ----------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny", "--context", "5"], "setting context belongs to language-model training, not to this translation run"),
+    (["--preset", "shakespeare-char", "--src-lang", "fr"], "setting src_lang belongs to translation training"),
+    (["--preset", "tiny", "--lr", "-1"], "setting lr must be > 0, got -1.0"),
+    (["--preset", "tiny", "--resume"], "--preset does not apply to --resume"),
+])
+def test_train_flags_that_do_not_apply_give_one_line(tmp_path, capsys, argv, message):
+    from attnlab.app.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_resume_from_the_command_line_keeps_the_runs_settings(tmp_path, capsys):
+    from attnlab.app.cli import main
+
+    config = small_config(max_steps=2, eval_every=2, average_last=0)
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path), "--no-progress", *cli_flags(config)]) == 0
+    assert main(["train", "--out", str(tmp_path), "--resume", "--no-progress", "--max-steps", "3"]) == 0
+    saved = TrainConfig.from_dict(read_checkpoint_json(resolve_checkpoint(tmp_path, "last"), "config.json")["train"])
+    assert saved == config.override(max_steps=3)  # not the default preset's settings
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path), "--resume", "--d-model", "64"]) == 2
+    assert "cannot change d_model when resuming" in capsys.readouterr().err
+
+
+# -- the run's own files are checked, not trusted -------------------------------------------------
+def test_trainer_state_round_trips_and_checks_every_field():
+    from attnlab.store.checkpoint import CheckpointError
+    from attnlab.train.trainer import TrainerState
+
+    state = TrainerState(step=5, epoch=1, batch=2, elapsed=3.5, train_seconds=2.0, tokens=900, best=1.5,
+                         stale=1, metrics={"val_bleu": 1.5})
+    assert TrainerState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    for bad, message in [({"step": "5"}, "field 'step' must be int"), ({"best": True}, "field 'best'"),
+                         ({"batch": -1}, "must be >= 0"), ({"colour": 1}, "unknown fields")]:
+        with pytest.raises(CheckpointError, match=message):
+            TrainerState.from_dict({**state.to_dict(), **bad}, "run/ckpt/step-5/trainer.json")
+    with pytest.raises(CheckpointError, match="run/trainer.json: expected an object"):
+        TrainerState.from_dict([1], "run/trainer.json")
+
+
+def test_a_crafted_pointer_file_cannot_make_pruning_delete_outside_the_run(tmp_path):
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    config = small_config(max_steps=2, eval_every=1, keep_last=1, average_last=0)
+    train(config, run, progress=False, echo=quiet)
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    pointer = json.loads((run / "checkpoints.json").read_text())
+    pointer["history"].insert(0, {"checkpoint": "ckpt/step-0000000/../../../victim", "val_bleu": 0.0})
+    (run / "checkpoints.json").write_text(json.dumps(pointer))
+    with pytest.raises(ValueError, match="outside"):
+        resume(run, max_steps=3, progress=False, echo=quiet)
+    assert (victim / "precious.txt").read_text() == "keep me"

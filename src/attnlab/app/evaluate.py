@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.corpus import load_multi30k
-from ..decode.translate import DecodeConfig, bleu_scores, load_translator
-from ..store.checkpoint import read_checkpoint_json, resolve_checkpoint
+from ..decode.load import load_checkpoint
+from ..decode.translate import DecodeConfig, Translator, bleu_scores
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -19,12 +19,11 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Translate a split with the checkpoint's languages and return sacreBLEU (cased and -lc)."""
-    directory = resolve_checkpoint(Path(checkpoint))
-    train = read_checkpoint_json(directory, "config.json")["train"]
-    pairs = load_multi30k(split, train["src_lang"], train["tgt_lang"], data_dir)
+    loaded = load_checkpoint(checkpoint, "translation", device=device)
+    pairs = load_multi30k(split, *loaded.languages, data_dir)
     if limit:
         pairs = pairs[:limit]
-    translator = load_translator(directory, device)
+    translator = Translator(loaded.model, loaded.src_vocab, loaded.tgt_vocab)
     started = time.perf_counter()
     hypotheses = translator.translate([s for s, _ in pairs], decode, progress=progress)
     seconds = time.perf_counter() - started

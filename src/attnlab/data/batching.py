@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["make_batches", "collate", "padding_fraction", "shard"]
+__all__ = ["make_batches", "collate", "padding_fraction", "shard", "pad_sequences"]
 
 
 def _rng(seed: int, epoch: int) -> random.Random:
@@ -130,3 +130,13 @@ def shard(batches: Sequence[list[int]], rank: int, world_size: int) -> list[list
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     usable = len(batches) - len(batches) % world_size
     return list(batches[rank:usable:world_size])
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int) -> Tensor:
+    """Right-pad lists of token ids into one int64 tensor (B, L), L the longest length."""
+    if not sequences:
+        raise ValueError("cannot pad an empty list of sequences")
+    padded = torch.full((len(sequences), max(len(ids) for ids in sequences)), pad_id, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return padded  # (B, L)

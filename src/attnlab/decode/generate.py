@@ -82,6 +82,7 @@ def generate(
     ``seed`` makes the output repeatable. With the cache (the default) each step runs
     ``attnlab.fast_decode.step`` on one new token; ``use_cache=False`` re-reads the whole window
     through the model's ``forward`` at every step, the reference the cached path is tested against.
+    The model samples in evaluation mode and is given back in the mode it came in.
     """
     _check_token_ids(prompt, "prompt")
     if prompt.numel() == 0:
@@ -90,7 +91,6 @@ def generate(
     if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
         raise ValueError(f"prompt ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
                          f"got {int(prompt.min())}..{int(prompt.max())}")
-    model.eval()
     context = model.config.max_len
     keep = keep or max(1, context // 2)
     if not 1 <= keep <= context:
@@ -98,7 +98,12 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    step = _cached_step(model, keep) if use_cache else _uncached_step(model, keep)
     start = max(0, prompt.size(1) - keep) if prompt.size(1) > context else 0
-    return sample(step, _Window(start, None), prompt, max_new_tokens, temperature=temperature,
-                  top_k=top_k, top_p=top_p, generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        step = _cached_step(model, keep) if use_cache else _uncached_step(model, keep)
+        return sample(step, _Window(start, None), prompt, max_new_tokens, temperature=temperature,
+                      top_k=top_k, top_p=top_p, generator=generator)
+    finally:
+        model.train(was_training)

@@ -48,6 +48,16 @@ class LoadedModel(NamedTuple):
     tgt_vocab: BaseVocab  # the same object as src_vocab when shared (and for language models)
     config: dict[str, Any]  # the checkpoint's config.json
 
+    @property
+    def languages(self) -> tuple[str, str]:
+        """(source, target) language codes a translation model was trained on."""
+        train = self.config.get("train") or {}
+        section = train.get("task") if isinstance(train.get("task"), dict) else train  # flat before 0.2
+        try:
+            return section["src_lang"], section["tgt_lang"]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{self.directory}/config.json names no source and target language") from None
+
 
 def load_checkpoint(
     path: str | Path, kind: str | None = None, *, device: str | torch.device = "cpu", which: str = "model"

@@ -7,6 +7,9 @@ the new state. The state may be anything with ``select(index)`` that keeps/reord
 re-reads the whole prefix. Nothing here knows which: that is how cached and uncached decoding are
 compared. Decoding never needs gradients: these functions run under ``torch.no_grad()``.
 
+Greedy and beam search never emit BOS or PAD (``pad_id`` is required): those tokens are given
+log-probability −inf before each choice, so that beam size 1 and greedy search pick alike.
+
 Shape legend: B sentences, K beams, N rows (B or B·K), t tokens so far, V vocab size.
 """
 
@@ -36,38 +39,42 @@ def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tens
     return lengths
 
 
+def _never_emitted(bos_id: int, eos_id: int, pad_id: int, device: torch.device) -> Tensor:
+    """The ids search must never choose: BOS and PAD (EOS always stays choosable)."""
+    ids = sorted({i for i in (bos_id, pad_id) if i != eos_id})
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 @torch.no_grad()
 def greedy_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
-    pad_id: int = 0, device: torch.device | str = "cpu",
+    *, pad_id: int, device: torch.device | str = "cpu",
 ) -> list[list[int]]:
     """Pick the most likely token at every step until EOS or ``max_len`` tokens (per row).
 
-    Returns one token list per row, without BOS and EOS.
+    BOS and ``pad_id`` (the vocabulary's padding) are never picked. Returns one token
+    list per row, without BOS and EOS.
     """
     device = torch.device(device)
     limits = _as_lengths(max_len, batch_size, device)  # (B,)
+    banned = _never_emitted(bos_id, eos_id, pad_id, device)
     prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)  # (B, 1)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for t in range(int(limits.max())):
         log_probs, state = step(prefix, state)  # (B, V)
+        log_probs = log_probs.float().index_fill(-1, banned, float("-inf"))
         next_token = log_probs.argmax(dim=-1)  # (B,)
         next_token = torch.where(t + 1 >= limits, torch.full_like(next_token, eos_id), next_token)
-        next_token = next_token.masked_fill(done, pad_id)
+        next_token = next_token.masked_fill(done, eos_id)  # finished rows repeat EOS
         prefix = torch.cat([prefix, next_token[:, None]], dim=1)  # (B, t + 2)
         done |= next_token == eos_id
         if done.all():
             break
-    return [_strip(row, eos_id, pad_id) for row in prefix[:, 1:].tolist()]
+    return [_until_eos(row, eos_id) for row in prefix[:, 1:].tolist()]
 
 
-def _strip(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
-    out = []
-    for token in tokens:
-        if token in (eos_id, pad_id):
-            break
-        out.append(token)
-    return out
+def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
 def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
@@ -78,7 +85,7 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
 @torch.no_grad()
 def beam_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
-    beam_size: int = 4, alpha: float = 0.6, device: torch.device | str = "cpu",
+    *, pad_id: int, beam_size: int = 4, alpha: float = 0.6, device: torch.device | str = "cpu",
 ) -> list[Hypothesis]:
     """Batched beam search with GNMT length penalty, as in the paper (beam 4, alpha 0.6).
 
@@ -88,7 +95,8 @@ def beam_search(
     state is reordered by their parent beams. A sentence is done once it has K finished hypotheses
     (so beam size 1 is exactly greedy search); the best finished hypothesis is returned.
     A hypothesis's length, for the penalty, counts its tokens and the EOS. One cut at the length
-    limit ends there (as in greedy search), its EOS costing nothing.
+    limit ends there (as in greedy search), its EOS costing nothing. BOS and ``pad_id`` (the
+    vocabulary's padding) are never chosen, exactly as in greedy search.
 
     ``state`` must describe B rows; it is expanded to B·K here. Returns one ``Hypothesis`` per row.
     """
@@ -97,6 +105,7 @@ def beam_search(
     device = torch.device(device)
     B, K = batch_size, beam_size
     limits = _as_lengths(max_len, B, device)  # (B,)
+    banned = _never_emitted(bos_id, eos_id, pad_id, device)
     state = state.select(torch.arange(B, device=device).repeat_interleave(K))  # B -> B·K rows
     prefix = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)  # (B·K, 1)
     alive_logp = torch.full((B, K), float("-inf"), device=device)
@@ -108,7 +117,7 @@ def beam_search(
     for t in range(int(limits.max())):
         log_probs, state = step(prefix, state)  # (B·K, V)
         V = log_probs.size(-1)
-        log_probs = log_probs.float().view(B, K, V)
+        log_probs = log_probs.float().index_fill(-1, banned, float("-inf")).view(B, K, V)
         # At a row's length limit every hypothesis is cut: it ends there with EOS, at no cost.
         at_limit = (t + 1 >= limits)[:, None, None]  # (B, 1, 1)
         eos_only = torch.full_like(log_probs, float("-inf"))

@@ -1,7 +1,7 @@
 """Step-by-step walk-throughs of the tutorials' worked examples, and of one real translation.
 
-``walkthrough("simple" | "trainable" | "tutorial")`` recomputes a worked example of the SPEC with
-attnlab's own functions and returns its intermediate tensors as ``Step`` values; ``format_walkthrough``
+``walkthrough("simple" | "trainable" | "tutorial")`` recomputes one of the tutorials' worked
+examples with attnlab's own functions and returns its intermediate tensors as ``Step`` values; ``format_walkthrough``
 prints them to the digits the tutorials print. ``explain_translation`` collects every attention map
 of a Transformer translating one sentence and writes them out as PNGs and one HTML report.
 
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..data.vocab import BaseVocab
+from ..decode.translate import Translator
 from ..nn.attention import (
     SelfAttention,
-    padding_mask,
     scaled_dot_product_attention,
     simple_self_attention,
 )
@@ -52,7 +52,11 @@ __all__ = [
     "explain_translation",
 ]
 
-# -- the worked examples (SPEC sections 1 and 2) ----------------------------------------------
+# -- the worked examples ---------------------------------------------------------------------
+# "simple": the tutorials' first worked example, six 3-d token embeddings ("Your journey starts
+# with one step") attending to each other with no weights. "trainable": example A, "she likes
+# coffee", three 4-d tokens with fixed W_q = W_k (0.9 on the diagonal, 0.1 elsewhere) and W_v.
+# "tutorial": example B, the tutorial's three 4-d inputs with integer W_q, W_k, W_v (3 columns).
 
 JOURNEY_TOKENS = ("Your", "journey", "starts", "with", "one", "step")
 JOURNEY_INPUTS = torch.tensor(
@@ -103,8 +107,9 @@ def walkthrough(example: str, scale: float | None = None) -> list[Step]:
     """Recompute a worked example step by step with attnlab's functions.
 
     Args:
-        example: "simple" (SPEC 1, no weights), "trainable" (SPEC 2 example A) or "tutorial"
-            (SPEC 2 example B).
+        example: "simple" (six 3-d token embeddings, no weights), "trainable" (example A, "she
+            likes coffee", with fixed projections) or "tutorial" (example B, the tutorial's
+            integer matrices).
         scale: multiplies the raw scores of the trainable examples; ``None`` means 1/sqrt(d_k).
             ``scale=1.0`` reproduces the tutorial of example B, which divides by 1.
     """
@@ -136,7 +141,7 @@ def _simple_steps() -> list[Step]:
     loop = torch.tensor([[float(torch.dot(a, b)) for b in x] for a in x])
     context, weights = simple_self_attention(x)  # (T, E), (T, T)
     # The second token alone: its query against every key, no scaling (scale 1).
-    z2 = scaled_dot_product_attention(x[1:2], x, x, scale=1.0)  # (1, E)
+    z2 = scaled_dot_product_attention(x[1:2], x, x, scale=1.0).output  # (1, E)
     return [
         Step(
             "Inputs: 6 tokens embedded in 3 dimensions",
@@ -330,7 +335,8 @@ def explain_translation(
     """Collect every attention map of ``model`` translating ``sentence`` and write them to ``out_dir``.
 
     ``translate_fn(sentence)`` returns the target ids (a leading <bos> and a trailing <eos> may be
-    there or not). The source is encoded as ``Translator.encode_source`` does (ids + <eos>); the
+    there or not). The source is encoded by ``Translator.encode_source`` (ids + <eos>, an over-long
+    source cut with a warning, as translation does); the
     decoder then runs once over <bos> + translation, so decoder position i is the one that
     produced output token i (the last one is labelled <eos>, which ends the translation). Writes one PNG per (kind, layer) and
     ``report.html``; returns the paths, the maps and the top-attended source tokens per output
@@ -340,7 +346,8 @@ def explain_translation(
     from .report import format_top_attended, top_attended, write_report
 
     config = model.config
-    src_ids = [*src_vocab.encode(sentence)[: config.max_len - 1], src_vocab.eos_id]
+    # The source as translation reads it: the one policy for an over-long one (warn, then cut).
+    src_ids = Translator(model, src_vocab, tgt_vocab).encode_source([sentence])[0]
     ids = [int(i) for i in translate_fn(sentence)]
     if ids and ids[0] == tgt_vocab.bos_id:
         ids = ids[1:]
@@ -358,15 +365,14 @@ def explain_translation(
     model.eval()
     try:
         with torch.no_grad():
-            src_mask = padding_mask(src, config.pad_id)  # (1, 1, 1, S)
-            memory, enc_weights = model.encode(src, src_mask, need_weights=True)
-            _, dec_weights = model.decode(tgt, memory, src_mask, need_weights=True)
+            encoded = model.encode(src, need_weights=True)
+            decoded = model.decode(tgt, encoded, need_weights=True)
     finally:
         model.train(was_training)
     maps = {
-        "encoder": [w[0].float().cpu() for w in enc_weights],  # (H, S, S) per layer
-        "decoder": [w[0].float().cpu() for w in dec_weights["self"]],  # (H, T, T)
-        "cross": [w[0].float().cpu() for w in dec_weights["cross"]],  # (H, T, S)
+        "encoder": [w[0].float().cpu() for w in encoded.weights],  # (H, S, S) per layer
+        "decoder": [w[0].float().cpu() for w in decoded.self_weights],  # (H, T, T)
+        "cross": [w[0].float().cpu() for w in decoded.cross_weights],  # (H, T, S)
     }
     src_tokens = [src_vocab.id_to_token(i) for i in src_ids]
     tgt_tokens = [tgt_vocab.id_to_token(i) for i in decoder_input]

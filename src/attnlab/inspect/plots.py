@@ -1,8 +1,10 @@
-"""Figures: the positional-encoding table and attention maps, written as PNG files.
+"""Figures: the positional-encoding table, attention maps and training curves, written as PNG files.
 
 Figures are drawn on matplotlib's Agg canvas directly (no ``pyplot``, no display, no global
-state), so plotting works on headless machines and inside tests. Each ``plot_*`` function has a
-``*_figure`` twin that returns the figure before it is saved, for inspection.
+state, no backend switch), so plotting works on headless machines and inside tests. Each
+``plot_*`` function has a ``*_figure`` twin that returns the figure before it is saved, for
+inspection. A PNG is written to a temporary file first and then renamed into place, so a reader
+never sees half a file.
 
 Attention maps are given per layer as (H, T, S) tensors: H heads, T queries, S keys.
 """
@@ -13,14 +15,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..nn.layers import PositionalEncoding
-from .report import ATTENTION_KINDS, check_maps
+from .report import ATTENTION_KINDS, check_layer, check_maps
 
 __all__ = [
     "positional_encoding_figure",
@@ -28,6 +30,8 @@ __all__ = [
     "attention_layer_figure",
     "plot_attention_layer",
     "plot_attention_maps",
+    "training_log_figure",
+    "plot_training_log",
 ]
 
 _MAX_COLUMNS = 4  # heads per row of an attention figure
@@ -91,7 +95,7 @@ def attention_layer_figure(
     A leading batch dimension of size 1 is accepted. All heads share one colour scale, from 0 to
     the layer's largest weight, so that heads can be compared.
     """
-    w = _heads(weights, len(query_tokens), len(key_tokens))  # (H, T, S)
+    w = check_layer(weights, len(query_tokens), len(key_tokens))  # (H, T, S)
     H, T, S = w.shape
     ncols = min(H, _MAX_COLUMNS)
     nrows = math.ceil(H / ncols)
@@ -167,19 +171,39 @@ def plot_attention_maps(
     return paths
 
 
-def _heads(weights: Tensor, T: int, S: int) -> Tensor:
-    """Check a layer's weights against the token counts; returns a float CPU (H, T, S) tensor."""
-    w = torch.as_tensor(weights).detach().float().cpu()
-    if w.dim() == 4 and w.size(0) == 1:
-        w = w[0]  # (1, H, T, S) -> (H, T, S)
-    if w.dim() != 3:
-        raise ValueError(f"attention weights must have shape (heads, queries, keys), got {tuple(w.shape)}")
-    if w.shape[1:] != (T, S):
-        raise ValueError(
-            f"attention weights of shape {tuple(w.shape)} do not match {T} query tokens "
-            f"and {S} key tokens"
-        )
-    return w
+def training_log_figure(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> Figure | None:
+    """One panel per metric against the step, from the evaluation rows of a training log.
+
+    Each row is a dict with "step" and some metrics (as the ``eval`` events of ``log.jsonl``); a
+    row without a metric is skipped for that metric, and a metric no row has gets no panel.
+    Returns None when no metric has a single point to draw.
+    """
+    curves = {}
+    for metric in metrics:
+        points = [(row["step"], row[metric]) for row in rows
+                  if "step" in row and row.get(metric) is not None]
+        if points:
+            curves[metric] = points
+    if not curves:
+        return None
+    fig = _new_figure((4.2 * len(curves) + 0.6, 3.6))
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (metric, points) in zip(axes, curves.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o", markersize=3)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_training_log(
+    rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: str | os.PathLike[str]
+) -> Path | None:
+    """Draw ``training_log_figure`` and save it as a PNG; returns the path, or None (and writes
+    nothing) when there is nothing to draw."""
+    fig = training_log_figure(rows, metrics)
+    return None if fig is None else _save(fig, path)
 
 
 def _label(token: str) -> str:
@@ -194,8 +218,14 @@ def _new_figure(size: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write the figure as a PNG atomically: into a temporary file beside ``path``, then renamed."""
     path = Path(path)
-    if path.parent:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, format="png", dpi=100)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path

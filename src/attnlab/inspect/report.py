@@ -25,6 +25,7 @@ from torch import Tensor
 __all__ = [
     "AttentionKind",
     "ATTENTION_KINDS",
+    "check_layer",
     "check_maps",
     "write_report",
     "top_attended",
@@ -46,6 +47,28 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
     "decoder": AttentionKind("decoder masked self-attention", "target", "target"),
     "cross": AttentionKind("encoder-decoder (cross) attention", "target", "source"),
 }
+
+
+def check_layer(
+    weights: Tensor, queries: int, keys: int, name: str = "attention weights",
+    query_label: str = "query tokens", key_label: str = "key tokens",
+) -> Tensor:
+    """Validate one layer's weights (H, T, S) or (1, H, T, S) against T queries and S keys.
+
+    The one check of an attention map, for the report and the figures alike; returns the weights
+    as a float CPU (H, T, S) tensor. ``name`` and the labels word the error message.
+    """
+    w = torch.as_tensor(weights).detach().float().cpu()
+    if w.dim() == 4 and w.size(0) == 1:
+        w = w[0]  # (1, H, T, S) -> (H, T, S)
+    if w.dim() != 3 or w.shape[1:] != (queries, keys):
+        raise ValueError(
+            f"{name}: expected weights of shape (heads, {queries}, {keys}) for {queries} "
+            f"{query_label} and {keys} {key_label}, got {tuple(w.shape)}"
+        )
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: attention weights contain NaN or infinity")
+    return w
 
 
 def check_maps(
@@ -76,19 +99,11 @@ def check_maps(
         if len(layers) == 0:
             raise ValueError(f"attention kind {kind!r} has no layers")
         T, S = sizes[spec.query_side], sizes[spec.key_side]
-        checked[kind] = []
-        for number, weights in enumerate(layers, start=1):
-            w = torch.as_tensor(weights).detach().float().cpu()
-            if w.dim() == 4 and w.size(0) == 1:
-                w = w[0]  # (1, H, T, S) -> (H, T, S)
-            if w.dim() != 3 or w.shape[1:] != (T, S):
-                raise ValueError(
-                    f"{kind} layer {number}: expected weights of shape (heads, {T}, {S}) for "
-                    f"{T} {spec.query_side} queries and {S} {spec.key_side} keys, got {tuple(w.shape)}"
-                )
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError(f"{kind} layer {number}: attention weights contain NaN or infinity")
-            checked[kind].append(w)
+        checked[kind] = [
+            check_layer(weights, T, S, f"{kind} layer {number}",
+                        f"{spec.query_side} queries", f"{spec.key_side} keys")
+            for number, weights in enumerate(layers, start=1)
+        ]
     return checked
 
 

@@ -6,6 +6,13 @@ It must broadcast to the attention scores, shape (B, H, T, S). ``causal_mask`` a
 build masks in this form; combine them with ``&``. Other conventions (PyTorch's
 ``nn.MultiheadAttention`` uses True = blocked) are converted once, at the edge, by the caller.
 
+Every function and module here returns one type whatever its flags: ``AttentionOutput(output,
+weights)``, whose ``weights`` is None unless ``need_weights=True`` asked for them.
+
+Inputs are checked at the public entry points (``scaled_dot_product_attention``, the modules'
+``forward``, ``self_attention``, ``attend``, ``project_kv``). The layers and models call the
+underscored twins of those methods, which trust their inputs: the models check theirs once.
+
 Shape legend: B batch, T query length, S key length, H heads, D head dim, E model dim.
 """
 
@@ -20,6 +27,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "KV",
+    "AttentionOutput",
+    "SelfAttentionOutput",
+    "Projection",
     "causal_mask",
     "padding_mask",
     "scaled_dot_product_attention",
@@ -42,6 +52,21 @@ class KV(NamedTuple):
     def select(self, index: Tensor) -> "KV":
         """Keep batch rows ``index`` (beam search reorders caches by parent beam this way)."""
         return KV(self.k.index_select(0, index), self.v.index_select(0, index))
+
+
+class AttentionOutput(NamedTuple):
+    """The result of attention: its output, and the softmax weights when they were asked for."""
+
+    output: Tensor  # (..., T, Dv)
+    weights: Tensor | None  # (..., T, S) with need_weights=True, else None
+
+
+class SelfAttentionOutput(NamedTuple):
+    """``MultiHeadAttention.self_attention``'s result: the output, the grown cache, the weights."""
+
+    output: Tensor  # (B, T, E)
+    kv: KV  # keys/values of every position so far, the cache included: (B, H, t + T, D)
+    weights: Tensor | None  # (B, H, T, t + T) with need_weights=True, else None
 
 
 def causal_mask(T: int, S: int | None = None, *, device: torch.device | str | None = None) -> Tensor:
@@ -69,19 +94,19 @@ def _check_token_ids(tokens: Tensor, name: str) -> None:
         raise ValueError(f"{name} must have shape (batch, length), got {tuple(tokens.shape)}")
 
 
-def _check_mask(mask: Tensor, scores_shape: torch.Size) -> None:
+def _check_mask(mask: Tensor, scores_shape: tuple[int, ...], name: str = "mask") -> None:
     if mask.dtype != torch.bool:
         raise ValueError(
-            f"mask must be boolean (True = may attend), got dtype {mask.dtype}; "
+            f"{name} must be boolean (True = may attend), got dtype {mask.dtype}; "
             "convert it with `mask.bool()` or `~blocked`"
         )
     try:
         broadcast = torch.broadcast_shapes(mask.shape, scores_shape)
     except RuntimeError:
         broadcast = None
-    if broadcast != scores_shape:
+    if broadcast != torch.Size(scores_shape):
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to the attention scores "
             f"of shape {tuple(scores_shape)} (batch, heads, queries, keys)"
         )
 
@@ -95,7 +120,7 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> AttentionOutput:
     """Attention(Q, K, V) = softmax(Q Kᵀ · scale) V, with scale = 1/√d_k unless given.
 
     Args:
@@ -104,6 +129,8 @@ def scaled_dot_product_attention(
         scale: multiplies the raw scores; ``scale=1.0`` reproduces tutorials that skip the √d_k.
         dropout_p: dropout on the attention weights (pass 0.0 in evaluation).
         need_weights: also return the softmax weights (..., T, S); this takes the reference path.
+    Returns:
+        ``AttentionOutput(output (..., T, Dv), weights (..., T, S) or None)``.
 
     A query whose keys are all masked gets a zero output (and zero weights), never NaN.
     """
@@ -113,12 +140,20 @@ def scaled_dot_product_attention(
         )
     if k.size(-2) != v.size(-2):
         raise ValueError(f"keys and values differ in length: {k.size(-2)} vs {v.size(-2)}")
-    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     if mask is not None:
-        _check_mask(mask, torch.Size(q.shape[:-1] + k.shape[-2:-1]))
+        _check_mask(mask, q.shape[:-1] + k.shape[-2:-1])
+    return _attention(q, k, v, mask, scale, dropout_p, need_weights)
+
+
+def _attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, dropout_p: float,
+    need_weights: bool,
+) -> AttentionOutput:
+    """Choose the path, trusting the inputs: the reference one when the weights are wanted."""
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     if need_weights:
-        return _reference_attention(q, k, v, mask, scale, dropout_p)
-    return _fused_attention(q, k, v, mask, scale, dropout_p)
+        return AttentionOutput(*_reference_attention(q, k, v, mask, scale, dropout_p))
+    return AttentionOutput(_fused_attention(q, k, v, mask, scale, dropout_p), None)
 
 
 def _reference_attention(
@@ -149,27 +184,29 @@ def _fused_attention(
     return out.masked_fill(~has_key, 0.0)
 
 
-def simple_self_attention(x: Tensor) -> tuple[Tensor, Tensor]:
+def simple_self_attention(x: Tensor) -> AttentionOutput:
     """Self-attention with no trainable weights: scores = x xᵀ, weights = softmax, context = weights x.
 
     Args:
         x: token embeddings (T, E) or (B, T, E).
     Returns:
-        (context, weights): context has the shape of ``x``; weights are (..., T, T), rows sum to 1.
+        ``AttentionOutput(context, weights)``: the context vectors have the shape of ``x``; the
+        weights are (..., T, T), each row summing to 1.
     """
     scores = x @ x.transpose(-2, -1)  # (..., T, T)
     weights = scores.softmax(dim=-1)
-    return weights @ x, weights
+    return AttentionOutput(weights @ x, weights)
 
 
 class SelfAttention(nn.Module):
     """Single-head self-attention with trainable projections: Q = X W_q, K = X W_k, V = X W_v.
 
-    Shape: x (..., T, d_in) -> (..., T, d_out).
+    Shape: x (..., T, d_in) -> ``AttentionOutput`` of (..., T, d_out) and, when asked for, the
+    weights (..., T, T).
 
     Example:
         >>> attn = SelfAttention(d_in=4, d_out=3)
-        >>> attn(torch.rand(2, 5, 4)).shape
+        >>> attn(torch.rand(2, 5, 4)).output.shape
         torch.Size([2, 5, 3])
     """
 
@@ -186,13 +223,43 @@ class SelfAttention(nn.Module):
         *,
         scale: float | None = None,
         need_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> AttentionOutput:
         if x.size(-1) != self.w_q.in_features:
             raise ValueError(
                 f"input has {x.size(-1)} features, SelfAttention expects d_in={self.w_q.in_features}"
             )
         q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (..., T, d_out) each
         return scaled_dot_product_attention(q, k, v, mask, scale=scale, need_weights=need_weights)
+
+
+class Projection(NamedTuple):
+    """One of W_q, W_k, W_v of a ``MultiHeadAttention``: views of its rows of the fused matrix.
+
+    Called on x it computes x Wᵀ + b, as the ``nn.Linear`` it stands for would. Writing into
+    ``weight`` (under ``torch.no_grad()``) writes into the fused parameter.
+    """
+
+    weight: Tensor  # (E, E)
+    bias: Tensor | None  # (E,)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _reset_like_linear(weight: Tensor, bias: Tensor | None) -> None:
+    """The initialisation ``nn.Linear`` gives its weight and bias."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(weight.size(1))
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def _join_separate_projections(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load hook for checkpoints saved before W_q, W_k, W_v were fused: join their three entries."""
+    for kind in ("weight", "bias"):
+        old = [f"{prefix}w_{name}.{kind}" for name in "qkv"]
+        if all(key in state_dict for key in old):
+            state_dict[f"{prefix}in_proj_{kind}"] = torch.cat([state_dict.pop(key) for key in old])
 
 
 class MultiHeadAttention(nn.Module):
@@ -202,17 +269,22 @@ class MultiHeadAttention(nn.Module):
     self-attention (all three the same tensor), decoder masked self-attention (plus a causal mask)
     and encoder-decoder attention (query from the decoder, key = value = encoder output).
 
+    W_q, W_k and W_v are stored stacked in one parameter, ``in_proj_weight`` (3E, E) (and
+    ``in_proj_bias`` (3E,)), as ``nn.MultiheadAttention`` stores them, so that self-attention makes
+    Q, K and V in one matrix product; ``w_q``, ``w_k`` and ``w_v`` are views of their rows.
+    Checkpoints that hold them as three ``nn.Linear`` weights still load.
+
     Incremental decoding uses the pieces directly, with caches passed in and returned as values:
     ``self_attention(x, past=...)`` returns the grown cache, ``project_kv`` computes the
     cross-attention keys/values once and ``attend`` reuses them.
 
-    Shape: query (B, T, E), key/value (B, S, E), mask broadcastable to (B, H, T, S) -> (B, T, E);
-    weights (B, H, T, S) when ``need_weights=True``.
+    Shape: query (B, T, E), key/value (B, S, E), mask broadcastable to (B, H, T, S) ->
+    ``AttentionOutput`` of (B, T, E) and, when ``need_weights=True``, the weights (B, H, T, S).
 
     Example:
         >>> mha = MultiHeadAttention(d_model=512, num_heads=8)
         >>> x = torch.rand(2, 10, 512)
-        >>> mha(x, x, x).shape
+        >>> mha(x, x, x).output.shape
         torch.Size([2, 10, 512])
     """
 
@@ -227,11 +299,36 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.dropout = dropout
-        self.w_q = nn.Linear(d_model, d_model, bias=bias)
-        self.w_k = nn.Linear(d_model, d_model, bias=bias)
-        self.w_v = nn.Linear(d_model, d_model, bias=bias)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))  # [W_q; W_k; W_v]
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))  # [b_q; b_k; b_v]
+        else:
+            self.register_parameter("in_proj_bias", None)
+        with torch.no_grad():
+            for projection in (self.w_q, self.w_k, self.w_v):  # each as its own nn.Linear would be
+                _reset_like_linear(projection.weight, projection.bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
+        self.register_load_state_dict_pre_hook(_join_separate_projections)
 
+    # -- W_q, W_k, W_v: views of the fused projection ----------------------------------------
+    def _projection(self, index: int) -> Projection:
+        rows = slice(index * self.d_model, (index + 1) * self.d_model)
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
+        return Projection(self.in_proj_weight[rows], bias)
+
+    @property
+    def w_q(self) -> Projection:
+        return self._projection(0)
+
+    @property
+    def w_k(self) -> Projection:
+        return self._projection(1)
+
+    @property
+    def w_v(self) -> Projection:
+        return self._projection(2)
+
+    # -- shapes and checks -----------------------------------------------------------------
     def _split_heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -248,6 +345,14 @@ class MultiHeadAttention(nn.Module):
                 f"{name} has {x.size(-1)} features, but this attention has d_model={self.d_model}"
             )
 
+    def _check_kv(self, kv: KV, batch: int) -> None:
+        if kv.k.dim() != 4 or kv.k.shape != kv.v.shape or kv.k.shape[:2] != (batch, self.num_heads):
+            raise ValueError(
+                f"keys/values of shape {tuple(kv.k.shape)} and {tuple(kv.v.shape)} do not fit a batch "
+                f"of {batch} and {self.num_heads} heads: expected (batch, heads, length, head_dim)"
+            )
+
+    # -- the public pieces, checked ----------------------------------------------------------
     def project_kv(self, key: Tensor, value: Tensor) -> KV:
         """Project keys and values and split them into heads: (B, S, E) -> KV of (B, H, S, D)."""
         self._check_features("key", key)
@@ -256,15 +361,17 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"key and value must agree in batch and length, got {tuple(key.shape)} and {tuple(value.shape)}"
             )
-        return KV(self._split_heads(self.w_k(key)), self._split_heads(self.w_v(value)))
+        return self._project_kv(key, value)
 
     def attend(
         self, query: Tensor, kv: KV, mask: Tensor | None = None, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """Attend from ``query`` (B, T, E) to already projected keys/values. Returns (out, weights|None)."""
+    ) -> AttentionOutput:
+        """Attend from ``query`` (B, T, E) to already projected keys/values (``project_kv``)."""
         self._check_features("query", query)
-        q = self._split_heads(self.w_q(query))  # (B, H, T, D)
-        return self._attend_heads(q, kv, mask, need_weights)
+        self._check_kv(kv, query.size(0))
+        if mask is not None:
+            _check_mask(mask, (query.size(0), self.num_heads, query.size(1), kv.k.size(2)))
+        return self._attend(query, kv, mask, need_weights)
 
     def self_attention(
         self,
@@ -272,37 +379,20 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         past: KV | None = None,
         need_weights: bool = False,
-    ) -> tuple[Tensor, KV, Tensor | None]:
+    ) -> SelfAttentionOutput:
         """Self-attention of ``x`` (B, T, E), with an optional cache ``past`` of earlier positions.
 
-        Q, K and V come from one matrix product over all positions; an incremental step (a cache
-        and one new position) uses three small products instead, which is cheaper than joining the
-        weights. Returns (out, present, weights|None), ``present`` being the cache grown by T.
+        Q, K and V come from one matrix product. Returns ``SelfAttentionOutput(output, kv,
+        weights)``, ``kv`` being the cache grown by T positions.
         """
         self._check_features("input", x)
-        if past is not None and x.size(1) == 1:
-            q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (B, 1, E) each
-        else:
-            w = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight])  # (3E, E)
-            b = None
-            if self.w_q.bias is not None:
-                b = torch.cat([self.w_q.bias, self.w_k.bias, self.w_v.bias])  # (3E,)
-            q, k, v = F.linear(x, w, b).split(self.d_model, dim=-1)  # (B, T, E) each
-        present = KV(self._split_heads(k), self._split_heads(v))
+        cached = 0
         if past is not None:
-            present = past.extend(present)
-        out, weights = self._attend_heads(self._split_heads(q), present, mask, need_weights)
-        return out, present, weights
-
-    def _attend_heads(
-        self, q: Tensor, kv: KV, mask: Tensor | None, need_weights: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        dropout_p = self.dropout if self.training else 0.0
-        result = scaled_dot_product_attention(
-            q, kv.k, kv.v, mask, dropout_p=dropout_p, need_weights=need_weights
-        )
-        out, weights = result if need_weights else (result, None)
-        return self.w_o(self._merge_heads(out)), weights  # (B, T, E)
+            self._check_kv(past, x.size(0))
+            cached = past.k.size(2)
+        if mask is not None:
+            _check_mask(mask, (x.size(0), self.num_heads, x.size(1), cached + x.size(1)))
+        return self._self_attention(x, mask, past, need_weights)
 
     def forward(
         self,
@@ -311,15 +401,43 @@ class MultiHeadAttention(nn.Module):
         value: Tensor,
         mask: Tensor | None = None,
         need_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Returns the output (B, T, E), and the weights (B, H, T, S) too when ``need_weights``."""
+    ) -> AttentionOutput:
+        """``AttentionOutput(output (B, T, E), weights (B, H, T, S) or None)``, like PyTorch's pair."""
         if query is key and key is value:
             out, _, weights = self.self_attention(query, mask, need_weights=need_weights)
+            return AttentionOutput(out, weights)
+        self._check_features("query", query)
+        kv = self.project_kv(key, value)
+        if query.size(0) != key.size(0):
+            raise ValueError(f"query and key differ in batch size: {query.size(0)} vs {key.size(0)}")
+        if mask is not None:
+            _check_mask(mask, (query.size(0), self.num_heads, query.size(1), key.size(1)))
+        return self._attend(query, kv, mask, need_weights)
+
+    # -- the same pieces unchecked, for the layers: the models check their inputs once ---------
+    def _project_kv(self, key: Tensor, value: Tensor) -> KV:
+        if key is value:  # cross-attention: keys and values of the memory in one product
+            E = self.d_model
+            bias = None if self.in_proj_bias is None else self.in_proj_bias[E:]
+            k, v = F.linear(key, self.in_proj_weight[E:], bias).split(E, dim=-1)  # (B, S, E) each
         else:
-            self._check_features("query", query)
-            if query.size(0) != key.size(0):
-                raise ValueError(
-                    f"query and key differ in batch size: {query.size(0)} vs {key.size(0)}"
-                )
-            out, weights = self.attend(query, self.project_kv(key, value), mask, need_weights)
-        return (out, weights) if need_weights else out
+            k, v = self.w_k(key), self.w_v(value)  # (B, S, E) each
+        return KV(self._split_heads(k), self._split_heads(v))
+
+    def _attend(self, query: Tensor, kv: KV, mask: Tensor | None, need_weights: bool) -> AttentionOutput:
+        q = self._split_heads(self.w_q(query))  # (B, H, T, D)
+        return self._attend_heads(q, kv, mask, need_weights)
+
+    def _self_attention(
+        self, x: Tensor, mask: Tensor | None, past: KV | None, need_weights: bool
+    ) -> SelfAttentionOutput:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3E)
+        q, k, v = (self._split_heads(t) for t in qkv.split(self.d_model, dim=-1))  # (B, H, T, D) each
+        kv = KV(k, v) if past is None else past.extend(KV(k, v))  # (B, H, t + T, D)
+        out, weights = self._attend_heads(q, kv, mask, need_weights)
+        return SelfAttentionOutput(out, kv, weights)
+
+    def _attend_heads(self, q: Tensor, kv: KV, mask: Tensor | None, need_weights: bool) -> AttentionOutput:
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = _attention(q, kv.k, kv.v, mask, None, dropout_p, need_weights)  # (B, H, T, D)
+        return AttentionOutput(self.w_o(self._merge_heads(out)), weights)  # (B, T, E)

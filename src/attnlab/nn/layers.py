@@ -1,10 +1,11 @@
 """The Transformer's layers: positional encoding, Add & Norm, feed-forward, encoder and decoder layers.
 
-Masks follow attnlab's one rule (see ``attnlab.attention``): boolean, True = may attend.
+Masks follow attnlab's one rule (see ``attnlab.nn.attention``): boolean, True = may attend.
 
-Each layer has ``forward`` (a tensor in, a tensor out, like PyTorch's layers) and ``run``, which
-also takes a cache of earlier positions and returns the grown cache and, on request, the attention
-weights. Both go through the same sublayer blocks.
+Each layer has ``forward`` (a tensor in, a tensor out, like PyTorch's layers; it checks its inputs)
+and ``run``, which also takes a cache of earlier positions and returns the grown cache and, on
+request, the attention weights; ``run`` trusts its inputs, as the models check theirs once. Both go
+through the same sublayer blocks, written once for the two layers (``_Sublayers``).
 
 Shape legend: B batch, S source length, T target length, H heads, E model dim (d_model).
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KV, MultiHeadAttention
+from .attention import KV, MultiHeadAttention, _check_mask
 
 __all__ = [
     "PositionalEncoding",
@@ -87,8 +88,11 @@ class AddNorm(nn.Module):
 class PositionwiseFeedForward(nn.Module):
     """FFN(x) = max(0, x W1 + b1) W2 + b2, applied to each position alone (512 → 2048 → 512 in the paper).
 
-    Shape: (..., E) -> (..., E).
+    Shape: (..., E) -> (..., E). ``activation`` is the paper's ReLU (the lean decoding step of
+    ``attnlab.nn.fast_decode`` checks that it still is).
     """
+
+    activation = staticmethod(F.relu)
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -97,7 +101,7 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.dropout(F.relu(self.w_1(x))))
+        return self.w_2(self.dropout(self.activation(self.w_1(x))))
 
 
 class EncoderLayerResult(NamedTuple):
@@ -113,7 +117,45 @@ class DecoderLayerResult(NamedTuple):
     cross_weights: Tensor | None  # (B, H, T, S)
 
 
-class EncoderLayer(nn.Module):
+class _Sublayers(nn.Module):
+    """The blocks both layers are built from, written once: each sublayer sits in a residual
+    connection with a LayerNorm, after it (``norm_first=False``, the paper's post-LN:
+    x = LN(x + dropout(f(x)))) or before it (pre-LN: x = x + dropout(f(LN(x)))).
+
+    A subclass owns ``self_attn``, ``feed_forward``, ``norm1``, ``dropout1`` and the norm and
+    dropout of its feed-forward block; those names are its checkpoint keys.
+    """
+
+    norm_first: bool
+    self_attn: MultiHeadAttention
+    feed_forward: PositionwiseFeedForward
+    norm1: nn.LayerNorm
+    dropout1: nn.Dropout
+
+    def _sublayer_input(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        return norm(x) if self.norm_first else x
+
+    def _add_norm(self, x: Tensor, sublayer_output: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout) -> Tensor:
+        x = x + dropout(sublayer_output)
+        return x if self.norm_first else norm(x)
+
+    def _self_attention_block(
+        self, x: Tensor, mask: Tensor | None, past: KV | None, need_weights: bool
+    ) -> tuple[Tensor, KV, Tensor | None]:
+        attended = self.self_attn._self_attention(self._sublayer_input(x, self.norm1), mask, past, need_weights)
+        return self._add_norm(x, attended.output, self.norm1, self.dropout1), attended.kv, attended.weights
+
+    def _feed_forward_block(self, x: Tensor, norm: nn.LayerNorm, dropout: nn.Dropout) -> Tensor:
+        return self._add_norm(x, self.feed_forward(self._sublayer_input(x, norm)), norm, dropout)
+
+    def _check_input(self, x: Tensor, mask: Tensor | None, keys: int, mask_name: str = "mask") -> None:
+        """What ``forward`` checks (``run`` trusts its caller): x's features and the mask's shape."""
+        self.self_attn._check_features("x", x)
+        if mask is not None:
+            _check_mask(mask, (x.size(0), self.self_attn.num_heads, x.size(1), keys), mask_name)
+
+
+class EncoderLayer(_Sublayers):
     """Self-attention then feed-forward, each wrapped in a residual connection and LayerNorm.
 
     ``norm_first=False`` is the paper's post-LN: x = LN(x + SA(x)); ``True`` is pre-LN:
@@ -136,32 +178,18 @@ class EncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x, mask, keys=x.size(1))
         return self.run(x, mask).x
 
     def run(
         self, x: Tensor, mask: Tensor | None = None, past: KV | None = None, need_weights: bool = False
     ) -> EncoderLayerResult:
-        if self.norm_first:
-            attended, kv, weights = self._sa_block(self.norm1(x), mask, past, need_weights)
-            x = x + attended
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            attended, kv, weights = self._sa_block(x, mask, past, need_weights)
-            x = self.norm1(x + attended)
-            x = self.norm2(x + self._ff_block(x))
-        return EncoderLayerResult(x, kv, weights)
-
-    def _sa_block(
-        self, x: Tensor, mask: Tensor | None, past: KV | None, need_weights: bool
-    ) -> tuple[Tensor, KV, Tensor | None]:
-        out, kv, weights = self.self_attn.self_attention(x, mask, past, need_weights)
-        return self.dropout1(out), kv, weights
-
-    def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.feed_forward(x))
+        """The layer with a cache of earlier positions (``past``); its inputs are trusted, unchecked."""
+        x, kv, weights = self._self_attention_block(x, mask, past, need_weights)
+        return EncoderLayerResult(self._feed_forward_block(x, self.norm2, self.dropout2), kv, weights)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Sublayers):
     """Masked self-attention, encoder-decoder (cross) attention, feed-forward; each with Add & Norm.
 
     Cross-attention takes its queries from the decoder and its keys and values from the encoder
@@ -193,7 +221,13 @@ class DecoderLayer(nn.Module):
         self_mask: Tensor | None = None,
         cross_mask: Tensor | None = None,
     ) -> Tensor:
-        memory_kv = self.cross_attn.project_kv(memory, memory)
+        self._check_input(x, self_mask, keys=x.size(1), mask_name="self_mask")
+        self.cross_attn._check_features("memory", memory)
+        if memory.size(0) != x.size(0):
+            raise ValueError(f"x has batch {x.size(0)} but memory has batch {memory.size(0)}")
+        if cross_mask is not None:
+            _check_mask(cross_mask, (x.size(0), self.cross_attn.num_heads, x.size(1), memory.size(1)), "cross_mask")
+        memory_kv = self.cross_attn._project_kv(memory, memory)
         return self.run(x, memory_kv, self_mask, cross_mask).x
 
     def run(
@@ -205,31 +239,13 @@ class DecoderLayer(nn.Module):
         past: KV | None = None,
         need_weights: bool = False,
     ) -> DecoderLayerResult:
-        if self.norm_first:
-            attended, kv, self_weights = self._sa_block(self.norm1(x), self_mask, past, need_weights)
-            x = x + attended
-            crossed, cross_weights = self._mha_block(self.norm2(x), memory_kv, cross_mask, need_weights)
-            x = x + crossed
-            x = x + self._ff_block(self.norm3(x))
-        else:
-            attended, kv, self_weights = self._sa_block(x, self_mask, past, need_weights)
-            x = self.norm1(x + attended)
-            crossed, cross_weights = self._mha_block(x, memory_kv, cross_mask, need_weights)
-            x = self.norm2(x + crossed)
-            x = self.norm3(x + self._ff_block(x))
-        return DecoderLayerResult(x, kv, self_weights, cross_weights)
+        """The layer with a cache of earlier positions (``past``); its inputs are trusted, unchecked."""
+        x, kv, self_weights = self._self_attention_block(x, self_mask, past, need_weights)
+        x, cross_weights = self._cross_attention_block(x, memory_kv, cross_mask, need_weights)
+        return DecoderLayerResult(self._feed_forward_block(x, self.norm3, self.dropout3), kv, self_weights, cross_weights)
 
-    def _sa_block(
-        self, x: Tensor, mask: Tensor | None, past: KV | None, need_weights: bool
-    ) -> tuple[Tensor, KV, Tensor | None]:
-        out, kv, weights = self.self_attn.self_attention(x, mask, past, need_weights)
-        return self.dropout1(out), kv, weights
-
-    def _mha_block(
+    def _cross_attention_block(
         self, x: Tensor, memory_kv: KV, mask: Tensor | None, need_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
-        out, weights = self.cross_attn.attend(x, memory_kv, mask, need_weights)
-        return self.dropout2(out), weights
-
-    def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout3(self.feed_forward(x))
+        attended = self.cross_attn._attend(self._sublayer_input(x, self.norm2), memory_kv, mask, need_weights)
+        return self._add_norm(x, attended.output, self.norm2, self.dropout2), attended.weights

@@ -4,9 +4,17 @@ The encoder reads the source sentence; the decoder writes the target one token a
 to its own earlier tokens (masked self-attention) and to the encoder output (cross-attention).
 Masks follow attnlab's one rule: boolean, True = may attend.
 
+``encode`` returns an ``Encoded``: the memory together with the source mask it was made under,
+which ``decode`` and ``start_decoding`` take, so that the decoder always masks the source padding.
+Every method returns one type whatever its flags (``Encoded``, ``Decoded``, ``DecodeStep``), with
+the attention weights None unless ``need_weights=True`` asked for them.
+
 Incremental decoding keeps no state on the modules: ``start_decoding`` returns a ``DecoderState``
 (the cross-attention keys/values, computed once, and an empty self-attention cache) and
 ``decode_step`` takes a state and returns logits with the grown state.
+
+The models check their inputs (token ids, masks) once, at their public methods; the layers and
+attention modules they call trust them.
 
 Shape legend: B batch, S source length, T target length, H heads, E model dim, V vocab size.
 """
@@ -20,12 +28,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .attention import KV, _check_token_ids, causal_mask, padding_mask
+from .attention import KV, _check_mask, _check_token_ids, causal_mask
 from .layers import DecoderLayer, EncoderLayer, PositionalEncoding
 
 __all__ = [
-    "TransformerConfig", "Transformer", "DecoderState", "TokenEmbedding",
-    "LanguageModelConfig", "DecoderOnlyTransformer", "LMState",
+    "TransformerConfig", "Transformer", "Encoded", "Decoded", "DecoderState", "DecodeStep",
+    "TokenEmbedding", "LanguageModelConfig", "DecoderOnlyTransformer", "LMState", "LMOutput",
 ]
 
 
@@ -80,16 +88,37 @@ class TransformerConfig(_ModelConfig):
 
 
 def _init_weights(model: nn.Module) -> None:
-    """Xavier-uniform matrices and zero biases; embeddings keep TokenEmbedding's own N(0, 1/d)."""
+    """Xavier-uniform matrices and zero biases; embeddings keep TokenEmbedding's own N(0, 1/d).
+
+    A fused Q/K/V projection is initialised as the three (E, E) matrices it holds, each by its own
+    fan-in and fan-out, as separate W_q, W_k and W_v would be.
+    """
     for name, p in model.named_parameters():
         if p.dim() > 1 and "embed" not in name:
-            nn.init.xavier_uniform_(p)
+            for matrix in p.chunk(3) if name.endswith("in_proj_weight") else (p,):
+                nn.init.xavier_uniform_(matrix)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
 
 
+def _check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
+    """The models' one check of token ids, made at their entry points: integers, (B, L), in range."""
+    _check_token_ids(tokens, name)
+    if tokens.numel():
+        low, high = (int(bound) for bound in torch.aminmax(tokens))  # one trip to the host
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name}: token ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
+                f"got ids {low}..{high}"
+            )
+
+
 class TokenEmbedding(nn.Module):
-    """Token ids to vectors, scaled by √d_model as in the paper. Shape: (B, T) -> (B, T, E)."""
+    """Token ids to vectors, scaled by √d_model as in the paper. Shape: (B, T) -> (B, T, E).
+
+    The ids are not checked here (that would cost a trip to the host per call): the models check
+    them once, at their entry points.
+    """
 
     def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
         super().__init__()
@@ -100,11 +129,6 @@ class TokenEmbedding(nn.Module):
             self.embedding.weight[pad_id].zero_()
 
     def forward(self, tokens: Tensor) -> Tensor:
-        if tokens.numel() and int(tokens.max()) >= self.embedding.num_embeddings:
-            raise ValueError(
-                f"token id {int(tokens.max())} is outside the vocabulary of "
-                f"{self.embedding.num_embeddings} tokens"
-            )
         return self.embedding(tokens) * self.scale
 
 
@@ -113,6 +137,31 @@ def _step_mask(T_new: int, cached: int, device: torch.device) -> Tensor | None:
     if T_new == 1:
         return None
     return causal_mask(T_new, cached + T_new, device=device)  # (T_new, cached + T_new)
+
+
+class Encoded(NamedTuple):
+    """The encoder's output together with the source mask it was made under.
+
+    The decoder reads the mask from here (``decode``, ``start_decoding``), so no path can forget
+    the source padding: ``decode(tgt, encode(src))`` is exactly ``forward(src, tgt)``.
+    """
+
+    memory: Tensor  # (B, S, E)
+    src_mask: Tensor  # (B, 1, 1, S), True = a source position the decoder may attend to
+    weights: list[Tensor] | None  # per encoder layer (B, H, S, S) with need_weights=True, else None
+
+    def select(self, index: Tensor) -> "Encoded":
+        """Keep (or repeat, or reorder) batch rows, as ``DecoderState.select`` does."""
+        weights = None if self.weights is None else [w.index_select(0, index) for w in self.weights]
+        return Encoded(self.memory.index_select(0, index), self.src_mask.index_select(0, index), weights)
+
+
+class Decoded(NamedTuple):
+    """What ``decode`` returns: logits, and every layer's attention weights when asked for."""
+
+    logits: Tensor  # (B, T, V)
+    self_weights: list[Tensor] | None  # per decoder layer (B, H, T, T), or None
+    cross_weights: list[Tensor] | None  # per decoder layer (B, H, T, S), or None
 
 
 class DecoderState(NamedTuple):
@@ -134,8 +183,21 @@ class DecoderState(NamedTuple):
         )
 
 
+class DecodeStep(NamedTuple):
+    """What ``decode_step`` returns: the new positions' logits, the grown state, weights if asked."""
+
+    logits: Tensor  # (B, T_new, V)
+    state: DecoderState  # grown by T_new positions
+    self_weights: list[Tensor] | None  # per decoder layer (B, H, T_new, t + T_new), or None
+    cross_weights: list[Tensor] | None  # per decoder layer (B, H, T_new, S), or None
+
+
 class Transformer(nn.Module):
     """The encoder-decoder Transformer.
+
+    Entry points (each checks its inputs once; the layers below trust them): ``forward`` for
+    teacher forcing; ``encode`` then ``decode`` for the two halves; ``encode``, ``start_decoding``
+    and ``decode_step`` for incremental decoding with a cache.
 
     Example:
         >>> cfg = TransformerConfig(src_vocab_size=100, tgt_vocab_size=100, d_model=32,
@@ -143,6 +205,8 @@ class Transformer(nn.Module):
         >>> model = Transformer(cfg)
         >>> src = torch.randint(1, 100, (2, 7)); tgt = torch.randint(1, 100, (2, 5))
         >>> model(src, tgt).shape
+        torch.Size([2, 5, 100])
+        >>> model.decode(tgt, model.encode(src)).logits.shape
         torch.Size([2, 5, 100])
     """
 
@@ -171,69 +235,105 @@ class Transformer(nn.Module):
         if c.share_embeddings:
             self.output.weight = self.tgt_embed.embedding.weight
 
+    # -- the checks of the entry points ----------------------------------------------------
+    def _src_mask(self, src: Tensor) -> Tensor:
+        return (src != self.config.pad_id)[:, None, None, :]  # (B, 1, 1, S)
+
+    def _tgt_mask(self, tgt: Tensor) -> Tensor:
+        T = tgt.size(1)
+        return causal_mask(T, device=tgt.device) & (tgt != self.config.pad_id)[:, None, None, :]  # (B, 1, T, T)
+
+    def _check_encoded(self, encoded: Encoded, batch: int | None = None) -> None:
+        if not isinstance(encoded, Encoded):
+            raise TypeError(
+                "expected the Encoded that encode() returns (the memory with its source mask), "
+                f"got {type(encoded).__name__}"
+            )
+        memory, src_mask = encoded.memory, encoded.src_mask
+        if memory.dim() != 3 or memory.size(-1) != self.config.d_model:
+            raise ValueError(f"memory must have shape (batch, length, {self.config.d_model}), got {tuple(memory.shape)}")
+        if src_mask.dtype != torch.bool or src_mask.shape != (memory.size(0), 1, 1, memory.size(1)):
+            raise ValueError(
+                f"src_mask must be boolean of shape {(memory.size(0), 1, 1, memory.size(1))}, "
+                f"got {src_mask.dtype} {tuple(src_mask.shape)}"
+            )
+        if batch is not None and batch != memory.size(0):
+            raise ValueError(f"tgt has batch {batch} but the encoded source has batch {memory.size(0)}")
+
     # -- encoder ---------------------------------------------------------------------------
-    def encode(
-        self, src: Tensor, src_mask: Tensor | None = None, need_weights: bool = False
-    ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Source ids (B, S) -> memory (B, S, E); with ``need_weights`` also a list of (B, H, S, S)."""
-        _check_token_ids(src, "src")
-        src_mask = padding_mask(src, self.config.pad_id) if src_mask is None else src_mask
+    def encode(self, src: Tensor, src_mask: Tensor | None = None, need_weights: bool = False) -> Encoded:
+        """Source ids (B, S) -> ``Encoded(memory (B, S, E), src_mask (B, 1, 1, S), weights)``.
+
+        ``src_mask`` defaults to the source's padding mask; one given must broadcast to
+        (B, 1, 1, S). With ``need_weights`` the weights are a list of (B, H, S, S), one per layer.
+        """
+        _check_tokens(src, "src", self.config.src_vocab_size)
+        B, S = src.shape
+        if src_mask is None:
+            src_mask = self._src_mask(src)
+        else:
+            _check_mask(src_mask, (B, 1, 1, S), "src_mask")
+            src_mask = src_mask.expand(B, 1, 1, S)
+        return self._encode(src, src_mask, need_weights)
+
+    def _encode(self, src: Tensor, src_mask: Tensor, need_weights: bool) -> Encoded:
         x = self.positional(self.src_embed(src))  # (B, S, E)
         weights = []
         for layer in self.encoder_layers:
             x, _, w = layer.run(x, src_mask, need_weights=need_weights)
             weights.append(w)
-        memory = self.encoder_norm(x)
-        return (memory, weights) if need_weights else memory
+        return Encoded(self.encoder_norm(x), src_mask, weights if need_weights else None)
 
     # -- decoder ---------------------------------------------------------------------------
     def decode(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        src_mask: Tensor | None = None,
-        tgt_mask: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
-        """Target ids (B, T) and memory (B, S, E) -> logits (B, T, V).
+        self, tgt: Tensor, encoded: Encoded, tgt_mask: Tensor | None = None, need_weights: bool = False
+    ) -> Decoded:
+        """Target ids (B, T) and the encoded source -> ``Decoded(logits (B, T, V), weights...)``.
 
-        ``src_mask`` defaults to attending every memory position; ``tgt_mask`` defaults to causal
-        plus target padding. With ``need_weights`` also returns {"self": [(B, H, T, T)],
-        "cross": [(B, H, T, S)]}, one entry per layer.
+        The source mask comes with ``encoded``; ``tgt_mask`` defaults to causal plus target padding.
+        With ``need_weights`` the self- and cross-attention weights of every layer come back too,
+        (B, H, T, T) and (B, H, T, S).
         """
-        _check_token_ids(tgt, "tgt")
-        if memory.size(0) != tgt.size(0):
-            raise ValueError(f"tgt has batch {tgt.size(0)} but memory has batch {memory.size(0)}")
+        _check_tokens(tgt, "tgt", self.config.tgt_vocab_size)
+        self._check_encoded(encoded, tgt.size(0))
         if tgt_mask is None:
-            T = tgt.size(1)
-            tgt_mask = causal_mask(T, device=tgt.device) & padding_mask(tgt, self.config.pad_id)
-        state = self.start_decoding(memory, src_mask)
-        logits, _, weights = self._decode_layers(tgt, state, tgt_mask, need_weights, keep_cache=False)
-        return (logits, weights) if need_weights else logits
+            tgt_mask = self._tgt_mask(tgt)
+        else:
+            _check_mask(tgt_mask, (tgt.size(0), self.config.num_heads, tgt.size(1), tgt.size(1)), "tgt_mask")
+        return self._decode(tgt, encoded, tgt_mask, need_weights)
 
-    def start_decoding(self, memory: Tensor, src_mask: Tensor | None = None) -> DecoderState:
+    def _decode(self, tgt: Tensor, encoded: Encoded, tgt_mask: Tensor, need_weights: bool) -> Decoded:
+        state = self._start_decoding(encoded)
+        logits, _, self_weights, cross_weights = self._decode_layers(
+            tgt, state, tgt_mask, need_weights, keep_cache=False
+        )
+        return Decoded(logits, self_weights, cross_weights)
+
+    def start_decoding(self, encoded: Encoded) -> DecoderState:
         """Project every decoder layer's cross-attention keys/values once, for a whole decode."""
-        if src_mask is None:
-            src_mask = torch.ones(memory.size(0), 1, 1, memory.size(1), dtype=torch.bool, device=memory.device)
-        memory_kv = tuple(layer.cross_attn.project_kv(memory, memory) for layer in self.decoder_layers)
-        return DecoderState(memory_kv, None, src_mask, 0)
+        self._check_encoded(encoded)
+        return self._start_decoding(encoded)
 
-    def decode_step(
-        self, tgt: Tensor, state: DecoderState, need_weights: bool = False
-    ) -> tuple[Tensor, DecoderState] | tuple[Tensor, DecoderState, dict[str, list[Tensor]]]:
+    def _start_decoding(self, encoded: Encoded) -> DecoderState:
+        memory = encoded.memory
+        memory_kv = tuple(layer.cross_attn._project_kv(memory, memory) for layer in self.decoder_layers)
+        return DecoderState(memory_kv, None, encoded.src_mask, 0)
+
+    def decode_step(self, tgt: Tensor, state: DecoderState, need_weights: bool = False) -> DecodeStep:
         """Decode the next positions ``tgt`` (B, T_new) given earlier ones cached in ``state``.
 
-        Returns logits (B, T_new, V) and the state grown by T_new positions (and the weights when
-        asked). Equal to ``decode`` over the whole prefix, at a fraction of the cost.
+        Returns ``DecodeStep(logits (B, T_new, V), state grown by T_new, weights...)``. Equal to
+        ``decode`` over the whole prefix, at a fraction of the cost.
         """
-        _check_token_ids(tgt, "tgt")
+        _check_tokens(tgt, "tgt", self.config.tgt_vocab_size)
+        if tgt.size(0) != state.src_mask.size(0):
+            raise ValueError(f"tgt has batch {tgt.size(0)} but the state has batch {state.src_mask.size(0)}")
         self_mask = _step_mask(tgt.size(1), state.length, tgt.device)
-        logits, new_state, weights = self._decode_layers(tgt, state, self_mask, need_weights, keep_cache=True)
-        return (logits, new_state, weights) if need_weights else (logits, new_state)
+        return DecodeStep(*self._decode_layers(tgt, state, self_mask, need_weights, keep_cache=True))
 
     def _decode_layers(
-        self, tgt: Tensor, state: DecoderState, self_mask: Tensor, need_weights: bool, keep_cache: bool
-    ) -> tuple[Tensor, DecoderState, dict[str, list[Tensor]]]:
+        self, tgt: Tensor, state: DecoderState, self_mask: Tensor | None, need_weights: bool, keep_cache: bool
+    ) -> tuple[Tensor, DecoderState, list[Tensor] | None, list[Tensor] | None]:
         x = self.positional(self.tgt_embed(tgt), start=state.length)  # (B, T, E)
         pasts = state.self_kv or (None,) * len(self.decoder_layers)
         new_kv, self_w, cross_w = [], [], []
@@ -246,14 +346,18 @@ class Transformer(nn.Module):
         new_state = state._replace(
             self_kv=tuple(new_kv) if keep_cache else None, length=state.length + tgt.size(1)
         )
-        return logits, new_state, {"self": self_w, "cross": cross_w}
+        if not need_weights:
+            return logits, new_state, None, None
+        return logits, new_state, self_w, cross_w
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Teacher forcing: source ids (B, S) and target input ids (B, T) -> logits (B, T, V)."""
-        _check_token_ids(src, "src")
-        src_mask = padding_mask(src, self.config.pad_id)  # (B, 1, 1, S)
-        memory = self.encode(src, src_mask)
-        return self.decode(tgt, memory, src_mask)
+        _check_tokens(src, "src", self.config.src_vocab_size)
+        _check_tokens(tgt, "tgt", self.config.tgt_vocab_size)
+        if src.size(0) != tgt.size(0):
+            raise ValueError(f"src has batch {src.size(0)} but tgt has batch {tgt.size(0)}")
+        encoded = self._encode(src, self._src_mask(src), need_weights=False)
+        return self._decode(tgt, encoded, self._tgt_mask(tgt), need_weights=False).logits
 
 
 @dataclass(frozen=True)
@@ -286,6 +390,13 @@ class LMState(NamedTuple):
         return LMState(self_kv, self.length)
 
 
+class LMOutput(NamedTuple):
+    """``DecoderOnlyTransformer.forward_with_weights``'s result."""
+
+    logits: Tensor  # (B, T, V)
+    weights: list[Tensor]  # per layer (B, H, T, T)
+
+
 class DecoderOnlyTransformer(nn.Module):
     """A GPT-style language model: the encoder layer's blocks under a causal mask, no cross-attention.
 
@@ -311,10 +422,17 @@ class DecoderOnlyTransformer(nn.Module):
         if c.tie_embeddings:
             self.output.weight = self.embed.embedding.weight
 
-    def forward(self, tokens: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Logits for every position (B, T, V); with ``need_weights`` also (B, H, T, T) per layer."""
-        logits, _, weights = self._run(tokens, LMState(None, 0), need_weights, keep_cache=False)
-        return (logits, weights) if need_weights else logits
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits for every position: tokens (B, T) -> (B, T, V)."""
+        _check_tokens(tokens, "tokens", self.config.vocab_size)
+        logits, _, _ = self._run(tokens, LMState(None, 0), need_weights=False, keep_cache=False)
+        return logits
+
+    def forward_with_weights(self, tokens: Tensor) -> LMOutput:
+        """``forward``'s logits and every layer's attention weights (B, H, T, T), for inspection."""
+        _check_tokens(tokens, "tokens", self.config.vocab_size)
+        logits, _, weights = self._run(tokens, LMState(None, 0), need_weights=True, keep_cache=False)
+        return LMOutput(logits, weights)
 
     def start(self) -> LMState:
         """An empty cache."""
@@ -322,13 +440,13 @@ class DecoderOnlyTransformer(nn.Module):
 
     def step(self, tokens: Tensor, state: LMState) -> tuple[Tensor, LMState]:
         """Logits (B, T_new, V) of new positions ``tokens`` (B, T_new) after the cached ones."""
-        logits, state, _ = self._run(tokens, state, False, keep_cache=True)
+        _check_tokens(tokens, "tokens", self.config.vocab_size)
+        logits, state, _ = self._run(tokens, state, need_weights=False, keep_cache=True)
         return logits, state
 
     def _run(
         self, tokens: Tensor, state: LMState, need_weights: bool, keep_cache: bool
     ) -> tuple[Tensor, LMState, list[Tensor]]:
-        _check_token_ids(tokens, "tokens")
         T = tokens.size(1)
         mask = _step_mask(T, state.length, tokens.device)
         x = self.positional(self.embed(tokens), start=state.length)  # (B, T, E)

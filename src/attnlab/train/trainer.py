@@ -1,16 +1,17 @@
-"""The training loop: one function, ``train``, for every task, on one process or many.
+"""The training loop: a small ``Trainer`` that steps, evaluates and checkpoints, and knows when to stop.
 
-What it does, in order: build the task (data, vocabulary) and the model; resume from the run's last
-checkpoint if asked; then step through deterministic batches with Adam and the configured schedule,
-gradient clipping and (on CUDA) bf16 autocast; evaluate every ``eval_every`` steps or each epoch,
-write a checkpoint each time (atomically), keep the best and the last ``keep_last``; stop at the
-epoch, step or time limit, or early when the metric stops improving; finally average the last
-checkpoints, as the paper does, and export the better of the average and the best as the run's
-model.
+What a run does, in order: build the task (data, vocabulary) and the model, or take them from the
+run's last checkpoint when resuming; then step through deterministic batches with Adam and the
+configured schedule, gradient clipping and (on CUDA) bf16 autocast; evaluate every ``eval_every``
+steps or each epoch, write a checkpoint each time (atomically), keep the best and the last
+``keep_last``; stop at the epoch, step or time limit, or early when the metric stops improving;
+finally average the last checkpoints, as the paper does, and export the better of the average and
+the best as the run's model.
 
-Exact resume: a checkpoint holds the model, Adam's moments, the step (the schedule is a function of
-it), the RNG state and the data position (epoch and batch), so a run killed and resumed ends with
-the same weights as one never interrupted.
+Exact resume: a checkpoint holds the model, Adam's moments, the RNG state and a ``TrainerState``
+(step, data position, clocks, best metric), so a run killed and resumed ends with the same weights
+as one never interrupted. A resumed run takes every setting from its checkpoint; only the length
+of the run and the machine (``RESUMABLE_FIELDS``) may be changed.
 
 Scale-out: under ``torchrun --nproc_per_node N -m attnlab train ...`` each process takes every N-th
 batch, gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU), and the loss
@@ -24,17 +25,19 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data.batching import shard
+from ..inspect.plots import plot_training_log
 from ..store.checkpoint import (
     POINTER,
+    CheckpointError,
     average_checkpoints,
     load_model_state,
     load_trainer_state,
@@ -43,11 +46,14 @@ from ..store.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from .config import TrainConfig
+from .config import RESUMABLE_FIELDS, TrainConfig
 from .optim import build_adam, cosine_lr, noam_lr
 from .tasks import Task, build_task
 
-__all__ = ["World", "train", "train_step", "learning_rate", "setup_world", "pick_device"]
+__all__ = [
+    "World", "TrainerState", "StepStats", "Trainer", "train", "resume", "train_step", "learning_rate",
+    "setup_world", "pick_device",
+]
 
 
 @dataclass(frozen=True)
@@ -87,36 +93,118 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return cosine_lr(step, config.lr, config.warmup, config.max_steps, config.min_lr)
 
 
+class StepStats(NamedTuple):
+    """One optimisation step, over the global batch (all processes)."""
+
+    loss: float  # mean loss per predicted token
+    tokens: int  # predicted tokens
+    tokens_read: int  # every token the model read
+
+
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, tensors: tuple[Tensor, ...],
     lr: float, config: TrainConfig, world: World = World(),
-) -> tuple[float, int, int]:
+) -> StepStats:
     """One optimisation step on one batch.
 
-    Returns (mean loss per target token, target tokens, source tokens), all over the global batch.
-
-    The loss is divided by the target tokens of the *global* batch (summed over processes) and
+    The loss is divided by the predicted tokens of the *global* batch (summed over processes) and
     multiplied by the world size, because DistributedDataParallel averages gradients.
     """
     device = tensors[0].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-        loss_sum, n_tokens, n_src = task.loss(model, tensors)
-    stats = torch.stack([n_tokens.detach().float(), loss_sum.detach().float(),
-                         torch.tensor(float(n_src), device=device)])
+        stats = task.loss(model, tensors)
+    totals = torch.stack([stats.tokens.detach().float(), stats.loss_sum.detach().float(),
+                          torch.tensor(float(stats.tokens_read), device=device)])
     if world.size > 1:
-        dist.all_reduce(stats)
-    global_tokens, global_loss, global_src = stats[0], stats[1], int(stats[2])
-    (loss_sum * world.size / global_tokens.clamp(min=1)).backward()
+        dist.all_reduce(totals)
+    global_tokens, global_loss, global_read = totals[0].clamp(min=1), totals[1], int(totals[2])
+    (stats.loss_sum * world.size / global_tokens).backward()
     if config.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(global_loss / global_tokens.clamp(min=1)), int(global_tokens), global_src
+    return StepStats(float(global_loss / global_tokens), int(totals[0]), global_read)
 
 
-# -- trainer state in tensors and JSON (never pickled) -------------------------------------------
+# -- where a run stands --------------------------------------------------------------------------
+@dataclass
+class TrainerState:
+    """Where a run stands: saved as ``trainer.json`` in every training checkpoint."""
+
+    step: int = 0  # optimisation steps taken
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # position in the current epoch's batches (of this process's shard)
+    elapsed: float = 0.0  # seconds since the run started, evaluations included
+    train_seconds: float = 0.0  # seconds spent in training steps
+    tokens: int = 0  # tokens read by the model, all processes
+    best: float | None = None  # best value of the task's metric so far
+    stale: int = 0  # evaluations since the best one
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last evaluation's
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "trainer.json") -> "TrainerState":
+        """Rebuild a state, checking every field's type; ``source`` names the file in errors."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: expected an object, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise CheckpointError(f"{source}: unknown fields {unknown}")
+        for name, value in data.items():
+            if not _fits(known[name].type, value):
+                raise CheckpointError(f"{source}: field {name!r} must be {known[name].type}, got {value!r}")
+        state = cls(**data)
+        if min(state.step, state.epoch, state.batch, state.tokens, state.stale) < 0:
+            raise CheckpointError(f"{source}: step, epoch, batch, tokens and stale must be >= 0")
+        return state
+
+
+def _fits(annotation: str, value: Any) -> bool:
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "float | None":
+        return value is None or _fits("float", value)
+    return isinstance(value, dict)
+
+
+class _Window:
+    """Training loss and throughput since the last evaluation."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.tokens, self.started = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, stats: StepStats) -> None:
+        self.loss, self.steps, self.tokens = self.loss + stats.loss, self.steps + 1, self.tokens + stats.tokens_read
+
+    def summary(self, now: float) -> dict[str, float]:
+        return {"train_loss": round(self.loss / max(1, self.steps), 4),
+                "tokens_per_s": round(self.tokens / max(1e-9, now - self.started))}
+
+
+def _stop_for_steps(limit: int) -> str:
+    return f"reached max_steps={limit}"
+
+
+def _stop_for_time(minutes: float) -> str:
+    return f"reached the time limit of {minutes:g} minutes"
+
+
+def _stop_for_patience(evaluations: int) -> str:
+    return f"no improvement in {evaluations} evaluations"
+
+
+def _stop_for_epochs(epochs: int) -> str:
+    return f"finished {epochs} epochs"
+
+
+# -- trainer state in tensors (never pickled) ------------------------------------------------------
 def _trainer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     names = {id(p): name for name, p in model.named_parameters()}
     out = {"rng/torch": torch.get_rng_state()}
@@ -131,13 +219,16 @@ def _trainer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 def _restore_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
     params = dict(model.named_parameters())
+    fused = bool(optimizer.defaults.get("fused"))  # the fused kernel keeps its step counts on the device too
     for key, value in tensors.items():
         if key.startswith("optim/"):
-            name, field = key[len("optim/") :].rsplit("/", 1)
+            name, field_name = key[len("optim/") :].rsplit("/", 1)
             if name not in params:
-                raise ValueError(f"checkpoint has optimizer state for unknown parameter {name}")
+                raise CheckpointError(f"checkpoint has optimizer state for unknown parameter {name}")
             p = params[name]
-            optimizer.state[p][field] = value.to(p.device) if value.dim() else value
+            optimizer.state[p][field_name] = value.to(p.device) if value.dim() or fused else value
+    if "rng/torch" not in tensors:
+        raise CheckpointError("trainer.safetensors holds no RNG state ('rng/torch')")
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
@@ -174,184 +265,247 @@ class _Run:
         self._prune()
         write_json_atomic(self.dir / POINTER, self.pointer)
 
+    def _inside(self, relative: str) -> Path:
+        """``relative`` (read from the run's files) as a path that must stay inside the run."""
+        path = (self.dir / relative).resolve()
+        if not path.is_relative_to((self.dir / "ckpt").resolve()):
+            raise CheckpointError(f"{self.dir / POINTER} names {relative!r}, which is outside {self.dir / 'ckpt'}")
+        return path
+
+    def _step_checkpoints(self) -> list[str]:
+        steps = [h["checkpoint"] for h in self.pointer["history"] if h["checkpoint"].startswith("ckpt/step-")]
+        return list(dict.fromkeys(steps))
+
     def _prune(self) -> None:
         keep = {self.pointer.get("best"), self.pointer.get("last"), self.pointer.get("model")}
-        steps = [h["checkpoint"] for h in self.pointer["history"] if h["checkpoint"].startswith("ckpt/step-")]
-        steps = list(dict.fromkeys(steps))
+        steps = self._step_checkpoints()
         keep |= set(steps[-max(1, self.config.keep_last) :])
         for name in steps:
-            if name not in keep and (self.dir / name).exists():
-                shutil.rmtree(self.dir / name)
+            path = self._inside(name)
+            if name not in keep and path.exists():
+                shutil.rmtree(path)
 
     def recent_steps(self, n: int) -> list[Path]:
-        steps = [h["checkpoint"] for h in self.pointer["history"] if h["checkpoint"].startswith("ckpt/step-")]
-        steps = list(dict.fromkeys(steps))[-n:]
-        return [self.dir / s for s in steps if (self.dir / s).exists()]
+        return [path for path in map(self._inside, self._step_checkpoints()[-n:]) if path.exists()]
 
     def set_model(self, relative: str) -> None:
         self.pointer["model"] = relative
         write_json_atomic(self.dir / POINTER, self.pointer)
+
+    def plot(self, metrics: tuple[str, ...]) -> None:
+        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        plot_training_log([r for r in rows if r.get("event") == "eval"], metrics, self.dir / "loss.png")
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """One training run: ``Trainer.start`` (a new run) or ``Trainer.resume``, then ``fit()``."""
+
+    def __init__(
+        self, config: TrainConfig, out_dir: str | Path, *, resume_from: Path | None = None,
+        progress: bool = True, echo: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.device = pick_device(config.device)
+        self.world = setup_world(self.device)
+        self.say = echo if self.world.is_main else (lambda _message: None)
+        vocab = read_checkpoint_json(resume_from, "vocab.json") if resume_from else None
+
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        self.task = build_task(config, vocab)
+        self.model = self.task.build_model().to(self.device)
+        self.optimizer = build_adam(self.model, (config.adam_beta1, config.adam_beta2), config.adam_eps,
+                                    config.weight_decay)
+        self.state = TrainerState()
+        if resume_from is not None:
+            load_model_state(self.model, resume_from, self.device)
+            tensors, info = load_trainer_state(resume_from)
+            _restore_trainer(self.model, self.optimizer, tensors)
+            self.state = TrainerState.from_dict(info, str(resume_from / "trainer.json"))
+        if self.world.rank > 0:  # distinct dropout streams: rank 0 keeps the run's own
+            torch.manual_seed((config.seed * 1_000_003 + self.world.rank * 7919 + self.state.step) % 2**63)
+        self.ddp: nn.Module = self.model
+        if self.world.size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.run = _Run(self.out_dir, config, self.task, self.task.model_config().to_dict()) if self.world.is_main else None
+        self.window = _Window()
+
+    # -- making one ------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, config: TrainConfig, out_dir: str | Path, **kwargs: Any) -> "Trainer":
+        """A new run in ``out_dir``, which must not hold one already."""
+        if (Path(out_dir) / POINTER).exists():
+            raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
+        return cls(config, out_dir, **kwargs)
+
+    @classmethod
+    def resume(cls, out_dir: str | Path, changes: dict[str, Any] | None = None, **kwargs: Any) -> "Trainer":
+        """The run in ``out_dir``, from its last checkpoint, with every setting the run had.
+
+        ``changes`` may set only the length of the run and the machine (``RESUMABLE_FIELDS``);
+        anything else is an error that names the setting.
+        """
+        last = resolve_checkpoint(Path(out_dir), "last")
+        saved = TrainConfig.from_dict(read_checkpoint_json(last, "config.json").get("train"),
+                                      str(last / "config.json"))
+        fixed = sorted(set(changes or {}) - set(RESUMABLE_FIELDS))
+        if fixed:
+            raise ValueError(f"cannot change {', '.join(fixed)} when resuming {out_dir}: a run keeps its settings; "
+                             f"only {', '.join(RESUMABLE_FIELDS)} may change (start a new run for the others)")
+        trainer = cls(saved.override(**(changes or {})), out_dir, resume_from=last, **kwargs)
+        trainer.say(f"resuming {out_dir} from {last.name} (step {trainer.state.step})")
+        return trainer
+
+    # -- the three things a trainer does --------------------------------------------------------
+    def step(self, batch: Any) -> StepStats:
+        """One optimisation step on one batch of this process's shard."""
+        started = time.perf_counter()
+        tensors = self.task.to_tensors(batch, self.device)
+        self.state.step += 1
+        stats = train_step(self.ddp, self.optimizer, self.task, tensors, learning_rate(self.config, self.state.step),
+                           self.config, self.world)
+        self.state.batch += 1
+        self.state.train_seconds += time.perf_counter() - started
+        self.state.tokens += stats.tokens_read
+        self.window.add(stats)
+        return stats
+
+    def evaluate_and_checkpoint(self) -> bool:
+        """Evaluate, log and checkpoint on the main process; returns whether patience ran out (on all)."""
+        out_of_patience = False
+        state, task = self.state, self.task
+        if self.world.is_main:
+            now = time.perf_counter()
+            metrics = task.evaluate(self.model, self.device)
+            value = metrics[task.best_metric]
+            improved = _better(task, value, state.best)
+            state.best, state.stale = (value, 0) if improved else (state.best, state.stale + 1)
+            state.metrics = metrics
+            row = {"event": "eval", "step": state.step, "epoch": state.epoch,
+                   "elapsed_min": round(state.elapsed / 60, 2), "lr": learning_rate(self.config, max(1, state.step)),
+                   **self.window.summary(now), "eval_s": round(time.perf_counter() - now, 1), **metrics}
+            self.run.log(row)
+            self.say("  ".join(f"{k}={v}" for k, v in row.items() if k != "event"))
+            name = f"step-{state.step:07d}"
+            self.run.save(name, self.model, _trainer_tensors(self.model, self.optimizer), state.to_dict())
+            self.run.record(name, metrics, improved)
+            out_of_patience = bool(self.config.patience and state.stale >= self.config.patience)
+            self.window = _Window()
+        return _agree(out_of_patience, self.world)
+
+    def limit_reached(self) -> str | None:
+        """Why the run must stop now (step or time limit, on every process alike), or None."""
+        c = self.config
+        if c.max_steps and self.state.step >= c.max_steps:
+            return _stop_for_steps(c.max_steps)
+        if c.time_limit and _agree(self.state.elapsed >= c.time_limit * 60, self.world):
+            return _stop_for_time(c.time_limit)
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until a limit, write the summary and the plot, and return the summary.
+
+        The process's thread count is set from ``config.threads`` for the run and restored after.
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.threads or max(1, (os.cpu_count() or 1) // self.world.size))
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> dict[str, Any]:
+        c, state, world = self.config, self.state, self.world
+        if world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out_dir / "config.json", self.run.config_json())
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.say(f"{self.task.describe()}; model {n_params / 1e6:.2f}M parameters on {self.device}"
+                 + (f", {world.size} processes" if world.size > 1 else ""))
+        wall_start, elapsed_before = time.perf_counter(), state.elapsed
+        reason = _stop_for_steps(c.max_steps) if c.max_steps and state.step >= c.max_steps else None
+        while reason is None and state.epoch < c.epochs:
+            batches = shard(self.task.batches(state.epoch), world.rank, world.size)
+            if state.batch == 0:
+                note = self.task.describe_epoch(batches)
+                self.say(f"epoch {state.epoch + 1}: {len(batches)} batches" + (f", {note}" if note else ""))
+            bar = _progress(len(batches), state.batch, f"epoch {state.epoch + 1}", self.progress and world.is_main)
+            self.ddp.train()
+            while state.batch < len(batches):
+                stats = self.step(batches[state.batch])
+                state.elapsed = elapsed_before + time.perf_counter() - wall_start
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{learning_rate(c, state.step):.2e}", refresh=False)
+                reason = self.limit_reached()
+                epoch_done = state.batch == len(batches)
+                if epoch_done:
+                    state.epoch, state.batch = state.epoch + 1, 0
+                evaluate = reason or (c.eval_every and state.step % c.eval_every == 0) or (epoch_done and not c.eval_every)
+                if evaluate and self.evaluate_and_checkpoint() and reason is None:
+                    reason = _stop_for_patience(c.patience)
+                if reason or epoch_done:
+                    break
+            if bar is not None:
+                bar.close()
+        reason = reason or _stop_for_epochs(c.epochs)
+        self.say(f"stopped: {reason}")
+
+        summary: dict[str, Any] = {}
+        if world.is_main:
+            summary = self._finish()
+            summary.update(steps=state.step, epochs_completed=state.epoch, train_minutes=round(state.elapsed / 60, 2),
+                           tokens_per_s=round(state.tokens / max(1e-9, state.train_seconds)), stop_reason=reason,
+                           parameters=n_params)
+            write_json_atomic(self.out_dir / "summary.json", summary)
+            self.run.plot(self.task.plot_metrics)
+        if world.size > 1:
+            dist.barrier()
+        return summary
+
+    def _finish(self) -> dict[str, Any]:
+        """Average the last checkpoints, compare with the best, and point the run's model at the winner."""
+        run, task, model = self.run, self.task, self.model
+        best_dir = resolve_checkpoint(run.dir, "best")
+        best_metrics = next(h for h in reversed(run.pointer["history"]) if h["checkpoint"] == run.pointer["best"])
+        chosen, metrics = run.pointer["best"], {k: v for k, v in best_metrics.items() if k != "checkpoint"}
+        recent = run.recent_steps(self.config.average_last) if self.config.average_last > 1 else []
+        if len(recent) > 1:
+            model.load_state_dict(average_checkpoints(recent), strict=False)
+            averaged = task.evaluate(model, self.device)
+            run.save("averaged", model)
+            run.log({"event": "average", "checkpoints": [p.name for p in recent], **averaged})
+            self.say(f"average of {len(recent)} checkpoints: " + "  ".join(f"{k}={v}" for k, v in averaged.items()))
+            if _better(task, averaged[task.best_metric], metrics[task.best_metric]):
+                chosen, metrics = "ckpt/averaged", averaged
+        run.set_model(chosen)
+        load_model_state(model, run.dir / chosen, self.device)
+        self.say(f"model: {chosen} ({task.best_metric}={metrics[task.best_metric]})")
+        return {"model": chosen, **metrics, "best_single": str(best_dir.relative_to(run.dir))}
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train a new run as ``config`` says, into ``out_dir``; returns the summary (``summary.json``)."""
+    return Trainer.start(config, out_dir, progress=progress, echo=echo).fit()
+
+
+def resume(
+    out_dir: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print, **changes: Any,
+) -> dict[str, Any]:
+    """Continue the run in ``out_dir`` exactly where it stopped; ``changes``: see ``Trainer.resume``."""
+    return Trainer.resume(out_dir, changes, progress=progress, echo=echo).fit()
 
 
 def _better(task: Task, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value > best if task.higher_is_better else value < best
-
-
-def train(
-    config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-    echo: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train a model as ``config`` says, writing checkpoints and logs into ``out_dir``.
-
-    With ``resume=True`` the run continues from ``out_dir``'s last checkpoint exactly where it
-    stopped (settings from the checkpoint, overridden by the length-of-run fields of ``config``).
-    Returns a summary: steps, time, tokens per second and the final metrics.
-    """
-    out_dir = Path(out_dir)
-    device = pick_device(config.device)
-    world = setup_world(device)
-    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world.size))
-    say = echo if world.is_main else (lambda _msg: None)
-
-    vocab, trainer_tensors, info = None, None, None
-    if resume:
-        last = resolve_checkpoint(out_dir, "last")
-        saved = TrainConfig.from_dict(read_checkpoint_json(last, "config.json")["train"])
-        config = saved.override(**{k: getattr(config, k) for k in _RUN_LENGTH_FIELDS})
-        vocab = read_checkpoint_json(last, "vocab.json")
-        trainer_tensors, info = load_trainer_state(last)
-        say(f"resuming {out_dir} from {last.name} (step {info['step']})")
-    elif (out_dir / POINTER).exists():
-        raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
-
-    torch.manual_seed(config.seed)
-    task = build_task(config, vocab)
-    model = task.build_model().to(device)
-    model_config = task.model_config().to_dict()
-    optimizer = build_adam(model, (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
-    if resume:
-        load_model_state(model, last, device)
-        _restore_trainer(model, optimizer, trainer_tensors)
-    run = _Run(out_dir, config, task, model_config) if world.is_main else None
-    if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "config.json", run.config_json())
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"{task.describe()}; model {n_params / 1e6:.2f}M parameters on {device}"
-        + (f", {world.size} processes" if world.size > 1 else ""))
-
-    ddp = model
-    if world.size > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    step = info["step"] if info else 0
-    epoch = info["epoch"] if info else 0
-    position = info["batch"] if info else 0
-    elapsed = info["elapsed"] if info else 0.0
-    best = info.get("best") if info else None
-    stale = info.get("stale", 0) if info else 0
-    tokens_seen = info.get("tokens", 0) if info else 0
-    train_seconds = info.get("train_seconds", 0.0) if info else 0.0
-    stop_reason = None
-    if config.max_steps and step >= config.max_steps:  # resumed at or past the limit: take no step
-        stop_reason = f"reached max_steps={config.max_steps}"
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    wall_start, wall_before = time.perf_counter(), elapsed  # the time limit counts evaluations too
-
-    def evaluate_and_save() -> bool:
-        """Evaluate, checkpoint, log on the main process; returns whether to stop early."""
-        nonlocal best, stale, window_loss, window_steps, window_tokens, window_start
-        stop = False
-        if world.is_main:
-            now = time.perf_counter()
-            metrics = task.evaluate(model, device)
-            eval_seconds = time.perf_counter() - now
-            value = metrics[task.best_metric]
-            improved = _better(task, value, best)
-            best, stale = (value, 0) if improved else (best, stale + 1)
-            row = {
-                "event": "eval", "step": step, "epoch": epoch, "elapsed_min": round(elapsed / 60, 2),
-                "lr": learning_rate(config, max(1, step)),
-                "train_loss": round(window_loss / max(1, window_steps), 4),
-                "tokens_per_s": round(window_tokens / max(1e-9, now - window_start)),
-                "eval_s": round(eval_seconds, 1), **metrics,
-            }
-            run.log(row)
-            say("  ".join(f"{k}={v}" for k, v in row.items() if k != "event"))
-            name = f"step-{step:07d}"
-            state = {"step": step, "epoch": epoch, "batch": position, "elapsed": elapsed, "best": best,
-                     "stale": stale, "tokens": tokens_seen, "train_seconds": train_seconds, "metrics": metrics}
-            run.save(name, model, _trainer_tensors(model, optimizer), state)
-            run.record(name, metrics, improved)
-            stop = bool(config.patience and stale >= config.patience)
-            window_loss, window_steps, window_tokens = 0.0, 0, 0
-            window_start = time.perf_counter()
-        return _agree(stop, world)
-
-    while epoch < config.epochs and stop_reason is None:
-        batches = shard(task.batches(epoch), world.rank, world.size)
-        if position == 0 and world.is_main:
-            say(f"epoch {epoch + 1}: {len(batches)} batches, padding {task_padding(task, batches):.1%}")
-        bar = _progress(len(batches), position, f"epoch {epoch + 1}", progress and world.is_main)
-        ddp.train()
-        while position < len(batches):
-            started = time.perf_counter()
-            tensors = task.to_tensors(batches[position], device)
-            step += 1
-            loss, n_tgt, n_src = train_step(ddp, optimizer, task, tensors, learning_rate(config, step), config, world)
-            position += 1
-            seconds = time.perf_counter() - started
-            elapsed = wall_before + time.perf_counter() - wall_start
-            batch_tokens = n_tgt + n_src  # source and target, all processes
-            tokens_seen += batch_tokens
-            train_seconds += seconds
-            window_loss, window_steps, window_tokens = window_loss + loss, window_steps + 1, window_tokens + batch_tokens
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{batch_tokens / seconds:,.0f}",
-                                lr=f"{learning_rate(config, step):.2e}", refresh=False)
-            if config.max_steps and step >= config.max_steps:
-                stop_reason = f"reached max_steps={config.max_steps}"
-            elif config.time_limit and _agree(elapsed >= config.time_limit * 60, world):
-                stop_reason = f"reached the time limit of {config.time_limit:g} minutes"
-            if stop_reason or (config.eval_every and step % config.eval_every == 0):
-                if position == len(batches):
-                    epoch, position = epoch + 1, 0
-                if evaluate_and_save() and not stop_reason:
-                    stop_reason = f"no improvement in {config.patience} evaluations"
-                if stop_reason or position == 0:
-                    break
-        else:
-            epoch, position = epoch + 1, 0
-            if not config.eval_every and evaluate_and_save():
-                stop_reason = f"no improvement in {config.patience} evaluations"
-        if bar is not None:
-            bar.close()
-    stop_reason = stop_reason or f"finished {config.epochs} epochs"
-    say(f"stopped: {stop_reason}")
-
-    summary: dict[str, Any] = {}
-    if world.is_main:
-        summary = _finish(run, task, model, device, config, say)
-        summary.update(steps=step, epochs_completed=epoch, train_minutes=round(elapsed / 60, 2),
-                       tokens_per_s=round(tokens_seen / max(1e-9, train_seconds)), stop_reason=stop_reason,
-                       parameters=n_params)
-        write_json_atomic(out_dir / "summary.json", summary)
-        _plot_losses(run.log_path, out_dir / "loss.png")
-    if world.size > 1:
-        dist.barrier()
-    return summary
-
-
-# Fields a resumed run takes from the command line rather than from its checkpoint.
-_RUN_LENGTH_FIELDS = ("epochs", "max_steps", "time_limit", "patience", "device", "threads")
-
-
-def task_padding(task: Task, batches: list[Any]) -> float:
-    padding = getattr(task, "padding", None)
-    return padding(batches) if padding else 0.0
 
 
 def _agree(flag: bool, world: World) -> bool:
@@ -369,50 +523,3 @@ def _progress(total: int, done: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=done, desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0)
-
-
-def _finish(run: _Run, task: Task, model: nn.Module, device: torch.device, config: TrainConfig,
-            say: Callable[[str], None]) -> dict[str, Any]:
-    """Average the last checkpoints, compare with the best, and point the run's model at the winner."""
-    best_dir = resolve_checkpoint(run.dir, "best")
-    best_metrics = next(h for h in reversed(run.pointer["history"]) if h["checkpoint"] == run.pointer["best"])
-    chosen, metrics = run.pointer["best"], {k: v for k, v in best_metrics.items() if k != "checkpoint"}
-    recent = run.recent_steps(config.average_last) if config.average_last > 1 else []
-    if len(recent) > 1:
-        model.load_state_dict(average_checkpoints(recent), strict=False)
-        averaged = task.evaluate(model, device)
-        run.save("averaged", model)
-        run.log({"event": "average", "checkpoints": [p.name for p in recent], **averaged})
-        say(f"average of {len(recent)} checkpoints: " + "  ".join(f"{k}={v}" for k, v in averaged.items()))
-        if _better(task, averaged[task.best_metric], metrics[task.best_metric]):
-            chosen, metrics = "ckpt/averaged", averaged
-    run.set_model(chosen)
-    load_model_state(model, run.dir / chosen, device)
-    say(f"model: {chosen} ({task.best_metric}={metrics[task.best_metric]})")
-    return {"model": chosen, **metrics, "best_single": str(best_dir.relative_to(run.dir))}
-
-
-def _plot_losses(log_path: Path, png_path: Path) -> None:
-    """Training and validation loss against steps, from the JSONL log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if r.get("event") == "eval"]
-    if not evals:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in evals]
-    ax.plot(steps, [r["train_loss"] for r in evals], marker="o", label="train loss (label-smoothed)")
-    ax.plot(steps, [r["val_loss"] for r in evals], marker="o", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per token (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
