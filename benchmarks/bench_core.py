@@ -2,12 +2,16 @@
 
 (a) forward + backward of ``attnlab.MultiHeadAttention`` vs ``torch.nn.MultiheadAttention``
     (self-attention, d_model 256, 8 heads, batch 128 x 24 tokens, same weights);
-(b) one training step (forward, cross-entropy, backward, Adam) of ``attnlab.Transformer`` vs
-    ``torch.nn.Transformer`` (d_model 256, 3+3 layers, 8 heads, d_ff 512, dropout 0.1, batch 128 x 24
-    source and 24 target tokens, vocabulary 8000 on both sides). The PyTorch model is wrapped in the
-    same embeddings (attnlab's TokenEmbedding, scaled by √d_model, and PositionalEncoding) and the
-    same output layer, and gets the same masks (source padding, causal + target padding), so the
-    two differ only in the encoder-decoder core.
+(b) one training step (forward, label-smoothed cross-entropy, backward, Adam) of ``attnlab.Transformer``
+    vs ``torch.nn.Transformer`` (d_model 256, 3+3 layers, 8 heads, d_ff 512, dropout 0.1, batch 128 x 24
+    source and 24 target tokens, vocabulary 8000 on both sides, label smoothing 0.1). The PyTorch model
+    is wrapped in the same embeddings (attnlab's TokenEmbedding, scaled by √d_model, and
+    PositionalEncoding, its dropout included) and an output ``nn.Linear``, gets the same masks (source
+    padding, causal + target padding) and takes its loss as PyTorch users do: ``F.cross_entropy``
+    over the logits.
+    attnlab's step runs what its training runs (``TranslationTask.loss``): the decoder's hidden
+    states (``model(src, tgt, features_only=True)``) into ``linear_cross_entropy``, which applies
+    the output layer block by block without holding the logits and skips padding rows.
 
 Both sides of (b) use the same optimizer, the one attnlab trains with (``attnlab.train.optim.build_adam``:
 PyTorch's Adam, fused into one pass over all parameters where the device allows).
@@ -17,7 +21,8 @@ that they share the machine's noise; the median (and the fastest call) is report
 ratio of medians, both measured in this run (goal: <= 0.80 for both cases).
 Each case's matmul FLOP count (``mha_fwd_bwd_flops``, ``transformer_train_flops``) gives its achieved
 GFLOP/s, shown as a fraction of the machine's fp32 matmul rate, sampled between the timed calls of
-the same run (``MatmulRate``).
+the same run (``MatmulRate``). Both sides are credited with the same count, padding rows of the
+output layer included, though attnlab's loss leaves those out.
 
 Usage: python benchmarks/bench_core.py [--repeats 10] [--warmup 3] [--threads N]
 """
@@ -45,10 +50,11 @@ from attnlab import (
     TransformerConfig,
 )
 from attnlab.nn.model import TokenEmbedding
+from attnlab.train.losses import linear_cross_entropy
 from attnlab.train.optim import build_adam
 
 D_MODEL, HEADS, LAYERS, D_FF, DROPOUT = 256, 8, 3, 512, 0.1
-BATCH, SRC_LEN, TGT_LEN, VOCAB, PAD = 128, 24, 24, 8000, 0
+BATCH, SRC_LEN, TGT_LEN, VOCAB, PAD, SMOOTHING = 128, 24, 24, 8000, 0, 0.1
 
 
 # -- what the two sides run -------------------------------------------------------------------------
@@ -94,18 +100,34 @@ def random_batch(generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     return src, tgt[:, :-1], tgt[:, 1:]
 
 
-def train_step_fn(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Callable[[], None]:
+def attnlab_loss(model: Transformer, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
+    """The mean loss per target token, computed as ``TranslationTask.loss`` and ``train_step`` do."""
+    hidden = model(src, tgt_in, features_only=True)  # (B, T, E)
+    loss_sum, tokens = linear_cross_entropy(
+        hidden, model.output.weight, model.output.bias, tgt_out, PAD, SMOOTHING
+    )
+    return loss_sum / tokens
+
+
+def pytorch_loss(model: TorchSeq2Seq, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
+    """The mean loss per target token from the logits, with PyTorch's own label smoothing."""
+    logits = model(src, tgt_in)  # (B, T, V)
+    return F.cross_entropy(
+        logits.reshape(-1, VOCAB), tgt_out.reshape(-1), ignore_index=PAD, label_smoothing=SMOOTHING
+    )
+
+
+def train_step_fn(
+    model: nn.Module, loss_fn: Callable[..., Tensor], batch: tuple[Tensor, Tensor, Tensor]
+) -> Callable[[], None]:
     optimizer = build_adam(model)  # β = (0.9, 0.98), ε = 1e-9, as attnlab trains
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
-    src, tgt_in, tgt_out = batch
     model.train()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(src, tgt_in)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt_out.reshape(-1), ignore_index=PAD)
-        loss.backward()
+        loss_fn(model, *batch).backward()
         optimizer.step()
 
     return step
@@ -240,7 +262,8 @@ def main() -> None:
     n_ours = sum(p.numel() for p in ours_model.parameters())
     n_theirs = sum(p.numel() for p in theirs_model.parameters())
     step_timings = time_pair(
-        train_step_fn(ours_model, batch), train_step_fn(theirs_model, batch), args.warmup, args.repeats, rate
+        train_step_fn(ours_model, attnlab_loss, batch), train_step_fn(theirs_model, pytorch_loss, batch),
+        args.warmup, args.repeats, rate,
     )
 
     peak = rate.gflops
@@ -248,7 +271,7 @@ def main() -> None:
           f"timed through the run; median {statistics.median(rate.samples):.1f})")
     report(f"(a) MultiHeadAttention fwd+bwd, self-attention, d_model {D_MODEL}, {HEADS} heads, "
            f"batch {BATCH} x {SRC_LEN} tokens", mha_fwd_bwd_flops(BATCH, SRC_LEN, D_MODEL), mha_timings, peak)
-    report(f"(b) training step (fwd, cross-entropy, bwd, Adam): d_model {D_MODEL}, {LAYERS}+{LAYERS} layers, "
+    report(f"(b) training step (fwd, label-smoothed cross-entropy, bwd, Adam): d_model {D_MODEL}, {LAYERS}+{LAYERS} layers, "
            f"{HEADS} heads, d_ff {D_FF}, dropout {DROPOUT}, vocab {VOCAB}, batch {BATCH} x {SRC_LEN}+{TGT_LEN} "
            "tokens", transformer_train_flops(BATCH, SRC_LEN, TGT_LEN, D_MODEL, D_FF, VOCAB, LAYERS, LAYERS),
            step_timings, peak, (f"   {n_ours / 1e6:.2f} M parameters", f"   {n_theirs / 1e6:.2f} M parameters"))

@@ -11,3 +11,18 @@ Shared test helpers live in ``helpers.py``.
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decode on one thread for a test module (a busy 2-core machine made two threads far slower
+    for small models); the session gets its own thread count back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

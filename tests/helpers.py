@@ -7,6 +7,8 @@ once, and the tests call it at the edge.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,6 +22,8 @@ from attnlab import (
     TransformerConfig,
 )
 from attnlab.nn.model import DecoderOnlyTransformer, LanguageModelConfig
+from attnlab.train.config import TrainConfig
+from attnlab.train.presets import get_preset
 
 
 def tiny_transformer(seed: int = 0, *, vocab: int = 40, train: bool = False, **overrides) -> Transformer:
@@ -138,3 +142,48 @@ def randomize_norms_(module: nn.Module, generator: torch.Generator | None = None
                 m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=generator))
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=generator))
     return module
+
+
+# -- small training runs ----------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+# The "tiny" preset shrunk to seconds: 1% of Multi30k (111 pairs within max_len 64 once the
+# 300-token vocabulary has split them), 18 batches an epoch, a 32k-parameter model.
+SMALL = dict(
+    train_fraction=0.01, vocab_size=300, d_model=32, num_heads=2, num_encoder_layers=1,
+    num_decoder_layers=1, d_ff=64, dropout=0.1, max_len=64, max_tokens=400, lr=0.5, warmup=10,
+    eval_sentences=10, time_limit=0.0, epochs=100, keep_last=3, average_last=0, threads=1,
+)
+
+
+def small_config(**changes) -> TrainConfig:
+    """The ``tiny`` preset shrunk to a run of seconds, with ``changes``."""
+    return get_preset("tiny").override(**{**SMALL, **changes})
+
+
+def flat_settings(config: TrainConfig) -> dict:
+    """Every setting by name, the task's and the common ones, as the command line sees them."""
+    data = config.to_dict()
+    return {**{k: v for k, v in data.pop("task").items() if k != "kind"}, **data}
+
+
+def cli_flags(config: TrainConfig) -> list[str]:
+    """``attnlab train`` flags that turn the preset into ``config``."""
+    preset = flat_settings(get_preset(config.preset))
+    flags = []
+    for name, value in flat_settings(config).items():
+        if name != "preset" and value != preset[name]:
+            flags += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def quiet(_message: str) -> None:
+    """An ``echo`` for training that prints nothing."""
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for an attnlab child process: this checkout's source, no torchrun variables."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env

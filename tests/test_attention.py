@@ -25,6 +25,7 @@ from attnlab import (
     scaled_dot_product_attention,
     simple_self_attention,
 )
+from attnlab.nn.attention import dropout
 
 F64 = torch.float64
 
@@ -216,6 +217,50 @@ def test_weights_are_zero_where_masked_and_rows_sum_to_one():
     _, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=True)
     assert (weights[~mask.expand_as(weights)] == 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, 5))
+
+
+def test_attention_dropout_drops_the_softmax_weights():
+    """On the CPU the weights are dropped by ``dropout`` itself: the same seed gives the same draw."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, 5, D, generator=gen) for _ in range(3))
+    mask = _masks(5, 5)["padding+causal"]
+    _, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=True)
+    torch.manual_seed(7)
+    out, none = scaled_dot_product_attention(q, k, v, mask, dropout_p=0.4)
+    torch.manual_seed(7)
+    expected = dropout(weights, 0.4) @ v
+    assert none is None
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, weights @ v)  # some weights were dropped
+
+
+# -- dropout --------------------------------------------------------------------------------------------
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_scales_it():
+    x = torch.rand(200_000) + 0.5
+    out = dropout(x, 0.3)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 5 standard deviations of the mean
+    torch.testing.assert_close(out[kept], x[kept] / 0.7)
+
+
+def test_dropout_draws_from_torchs_generator_and_backpropagates_through_its_mask():
+    x = torch.randn(4, 50, dtype=F64, requires_grad=True)
+    torch.manual_seed(3)
+    first, second = dropout(x, 0.5), dropout(x, 0.5)
+    torch.manual_seed(3)
+    again = dropout(x, 0.5)
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    g = torch.randn(4, 50, dtype=F64)
+    first.backward(g)
+    torch.testing.assert_close(x.grad, g * (first / x).detach())  # ∂out/∂x: the mask, scaled by 2
+
+
+def test_dropout_in_evaluation_or_with_p_zero_is_the_identity():
+    x = torch.randn(3, 4)
+    assert dropout(x, 0.5, training=False) is x and dropout(x, 0.0) is x
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout probability"):
+            dropout(x, p)
 
 
 # -- mask builders ------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ def test_translate_a_file_keeps_the_order(run, tmp_path, capsys, monkeypatch):
 def test_translate_reads_stdin(run, capsys, monkeypatch):
     echo_translations(monkeypatch)
     for extra in ([], ["--input", "-"]):
-        monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(SENTENCES[:3]) + "\n"))
+        stdin = io.TextIOWrapper(io.BytesIO(("\n".join(SENTENCES[:3]) + "\n").encode("utf-8")), encoding="utf-8")
+        monkeypatch.setattr(sys, "stdin", stdin)
         code, out, err = cli(["translate", "--checkpoint", run, "--batch-size", "1", *extra], capsys)
         assert code == 0, err
         assert out.split("\n")[:-1] == SENTENCES[:3]

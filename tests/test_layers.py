@@ -28,6 +28,8 @@ from attnlab import (
     causal_mask,
     padding_mask,
 )
+from attnlab.nn.attention import dropout
+from attnlab.nn.layers import Dropout
 
 F64 = torch.float64
 
@@ -78,6 +80,20 @@ def test_positional_encoding_needs_an_even_d_model():
 
 
 # -- feed-forward and Add & Norm -------------------------------------------------------------------------
+def test_every_dropout_of_the_layers_is_attnlabs_dropout():
+    layer = DecoderLayer(8, 2, 16, dropout=0.25).train()
+    modules = [layer.dropout1, layer.dropout2, layer.dropout3, layer.feed_forward.dropout,
+               PositionalEncoding(8, 0.25).dropout, AddNorm(8, 0.25).dropout]
+    x = torch.randn(2, 3, 8)
+    for module in modules:
+        assert type(module) is Dropout and module.p == 0.25
+        torch.manual_seed(4)
+        dropped = module(x)
+        torch.manual_seed(4)
+        assert torch.equal(dropped, dropout(x, 0.25)) and not torch.equal(dropped, x)
+        assert torch.equal(module.eval()(x), x)
+
+
 def test_feed_forward_is_the_formula():
     torch.manual_seed(0)
     ffn = PositionwiseFeedForward(d_model=6, d_ff=10, dropout=0.0).double()

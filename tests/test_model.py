@@ -135,6 +135,20 @@ def test_forward_gives_logits_per_target_position():
     assert model(SRC, TGT).shape == (3, 5, 17)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_features_only_gives_the_hidden_states_under_the_output_layer(norm_first):
+    """What the training loss takes: the logits are the output layer applied to these states."""
+    model = tiny_model(norm_first=norm_first)
+    hidden = model(SRC, TGT_PADDED, features_only=True)
+    assert hidden.shape == (3, 5, model.config.d_model)
+    assert torch.equal(model.output(hidden), model(SRC, TGT_PADDED))
+    lm = tiny_language_model(norm_first=norm_first)
+    tokens = torch.randint(0, 30, (2, 7), generator=torch.Generator().manual_seed(0))
+    hidden = lm(tokens, features_only=True)
+    assert hidden.shape == (2, 7, lm.config.d_model)
+    assert torch.equal(lm.output(hidden), lm(tokens))
+
+
 # -- padding changes nothing it should not -------------------------------------------------------------
 @torch.no_grad()
 def test_source_padding_changes_no_logits():

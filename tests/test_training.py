@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import cli_flags, quiet, small_config, subprocess_env
 from safetensors.torch import load_file
 
+from attnlab.errors import AttnlabError
 from attnlab.store.checkpoint import read_checkpoint_json, resolve_checkpoint
 from attnlab.train.config import TrainConfig
-from attnlab.train.optim import cosine_lr, noam_lr
-from attnlab.train.presets import get_preset
+from attnlab.train.optim import build_adam, cosine_lr, noam_lr
 from attnlab.train.tasks import TranslationTask, build_task
 from attnlab.train.trainer import (
     World,
@@ -31,56 +32,16 @@ from attnlab.train.trainer import (
     train_step,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
-# The "tiny" preset shrunk to seconds: 1% of Multi30k (111 pairs within max_len 64 once the
-# 300-token vocabulary has split them), 18 batches an epoch, a 32k-parameter model.
-SMALL = dict(
-    train_fraction=0.01, vocab_size=300, d_model=32, num_heads=2, num_encoder_layers=1,
-    num_decoder_layers=1, d_ff=64, dropout=0.1, max_len=64, max_tokens=400, lr=0.5, warmup=10,
-    eval_sentences=10, time_limit=0.0, epochs=100, keep_last=3, average_last=0, threads=1,
-)
-BATCHES_PER_EPOCH = 18
+BATCHES_PER_EPOCH = 18  # of the small config (tests/helpers.py)
 
 # With 300 subwords, some validation sentences exceed max_len 64; translate warns that it cuts them.
 pytestmark = pytest.mark.filterwarnings("ignore:.*were cut; their translations cover the start only")
-
-
-def small_config(**changes) -> TrainConfig:
-    return get_preset("tiny").override(**{**SMALL, **changes})
-
-
-def flat_settings(config: TrainConfig) -> dict:
-    """Every setting by name, the task's and the common ones, as the command line sees them."""
-    data = config.to_dict()
-    return {**{k: v for k, v in data.pop("task").items() if k != "kind"}, **data}
-
-
-def cli_flags(config: TrainConfig) -> list[str]:
-    """``attnlab train`` flags that turn the preset into ``config``."""
-    preset = flat_settings(get_preset(config.preset))
-    flags = []
-    for name, value in flat_settings(config).items():
-        if name != "preset" and value != preset[name]:
-            flags += [f"--{name.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return flags
-
-
-def quiet(_message: str) -> None:
-    pass
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 def last_state(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
@@ -244,7 +205,7 @@ def test_resuming_a_run_that_reached_max_steps_takes_no_step(tmp_path):
 def test_starting_over_an_existing_run_asks_for_resume(finished_run):
     config, out, _ = finished_run
     before = (out / "checkpoints.json").read_text()
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(AttnlabError, match="--resume"):
         train(config, out, progress=False, echo=quiet)
     assert (out / "checkpoints.json").read_text() == before
 
@@ -334,6 +295,77 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["stop_reason"] == "reached max_steps=2"
     assert read_checkpoint_json(resolve_checkpoint(out, "last"), "trainer.json")["step"] == 2
+
+
+def torchrun(argv: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(free_port()), "-m", "attnlab", *argv]
+    result = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def trainer_info(run: Path) -> dict:
+    return read_checkpoint_json(resolve_checkpoint(run, "last"), "trainer.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
+def test_a_run_resumes_at_another_world_size_without_repeating_or_skipping_batches(tmp_path, first, then):
+    """The stored batch position is global (batches taken by all processes), so a run written by N
+    processes continues with M at the next unused batch: after s steps with N processes and t with M,
+    N·s + M·t batches of the epoch are used, none twice."""
+    run = tmp_path / "run"
+    config = small_config(max_steps=2, eval_every=2, dropout=0.0)
+    start = ["train", "--preset", "tiny", "--out", str(run), "--no-progress", *cli_flags(config)]
+    if first == 1:
+        train(config, run, progress=False, echo=quiet)
+    else:
+        torchrun(start, tmp_path)
+    assert (trainer_info(run)["batch"], trainer_info(run)["world_size"]) == (2 * first, first)
+    more = ["train", "--out", str(run), "--resume", "--no-progress", "--max-steps", "4"]
+    if then == 1:
+        resume(run, max_steps=4, progress=False, echo=quiet)
+    else:
+        assert "continues with 2" in torchrun(more, tmp_path).stdout
+    info = trainer_info(run)
+    assert (info["step"], info["epoch"], info["batch"], info["world_size"]) == (4, 0, 2 * first + 2 * then, then)
+
+
+@pytest.mark.slow
+def test_two_processes_through_torchrun_match_one_process_on_the_same_global_batches(tmp_path):
+    """A whole short run (Adam with warm-up, gradient clipping; dropout 0 so that both sides compute the
+    same function) with 2 processes ends within 1e-4 (weights move by ~0.2) of one process stepping on the union of the
+    same two batches each step. Adam's epsilon is 1e-6 here: with the paper's 1e-9, a gradient that is
+    zero in exact arithmetic (a key bias) but rounding noise in floating point gets a full ±lr step
+    of either sign, which says nothing about the data-parallel step."""
+    steps = 6
+    config = small_config(max_steps=steps, eval_every=steps, dropout=0.0, adam_eps=1e-6, warmup=3, clip_norm=0.5)
+    run = tmp_path / "run"
+    torchrun(["train", "--preset", "tiny", "--out", str(run), "--no-progress", *cli_flags(config)], tmp_path)
+    ddp = load_file(str(resolve_checkpoint(run, "last") / "model.safetensors"))
+
+    torch.manual_seed(config.seed)
+    task = build_task(config)
+    model = task.build_model()
+    optimizer = build_adam(model, (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
+    batches = task.batches(0)
+    for step in range(1, steps + 1):
+        union = batches[2 * step - 2] + batches[2 * step - 1]
+        train_step(model, optimizer, task, task.to_tensors(union, torch.device("cpu")), learning_rate(config, step), config)
+    single = {k: v for k, v in model.state_dict().items() if k in ddp}
+    assert single.keys() == ddp.keys()
+    worst = max(float((single[k] - ddp[k]).abs().max()) for k in ddp)
+    moved = max(float((single[k] - v).abs().max()) for k, v in _initial_weights(task, config).items() if k in ddp)
+    assert worst < 1e-4 and moved > 0.05, (worst, moved)  # measured: 3.6e-5 and 0.22
+
+    torchrun(["train", "--out", str(run), "--resume", "--no-progress", "--max-steps", str(steps + 2)], tmp_path)
+    assert trainer_info(run)["step"] == steps + 2  # its checkpoints resume, with two processes too
+
+
+def _initial_weights(task, config) -> dict[str, torch.Tensor]:
+    torch.manual_seed(config.seed)
+    return task.build_model().state_dict()
 
 
 # -- stopping -----------------------------------------------------------------------------------------

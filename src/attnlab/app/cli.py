@@ -114,13 +114,40 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    import os
-
+    """Set the process's thread count (a program's setting, made here) and check --device."""
     import torch
 
+    from ..errors import ConfigError
+
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = getattr(args, "device", "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: attnlab runs on cpu or cuda")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: PyTorch sees no CUDA GPU on this machine; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _read_stdin_lines() -> list[str]:
+    """Standard input as stripped lines (as ``read_lines`` reads files), strictly UTF-8."""
+    from ..errors import DataError
+
+    lines = []
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"standard input, line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                            f"column {e.start + 1}: {e.reason})") from None
+        lines.append((line.removeprefix("\ufeff") if number == 1 else line).strip())
+    return lines
 
 
 def _decode_config(args: argparse.Namespace):
@@ -150,7 +177,7 @@ def _translate(args: argparse.Namespace) -> int:
 
         lines = read_lines(args.input)
     else:
-        lines = [line.strip() for line in sys.stdin]  # as read_lines does for files
+        lines = _read_stdin_lines()
     _set_threads(args)
     translator = load_translator(args.checkpoint, args.device)
     for line in translator.translate(lines, _decode_config(args)):
@@ -261,18 +288,52 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..decode.generate import generate, load_language_model
+    from ..decode.generate import encode_prompt, generate, load_language_model
 
     _set_threads(args)
     model, vocab = load_language_model(args.checkpoint, args.device)
-    ids = vocab.encode(args.prompt)
-    if not ids:
-        raise ValueError("the prompt is empty after encoding; give at least one known character")
-    prompt = torch.tensor([ids], device=args.device)
+    prompt = torch.tensor([encode_prompt(vocab, args.prompt)], device=args.device)
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     print(vocab.decode(out[0].tolist()))
     return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .serve_config import ServeConfig, serve_config_fields
+
+    p = sub.add_parser("serve", help="serve trained models over HTTP (JSON API and an attention page)",
+                       description="Serve translation and language models: POST /v1/translate, POST /v1/generate, "
+                       "GET /v1/models, GET /health, and a page at / to translate and see every attention map. "
+                       "Concurrent requests are decoded in micro-batches. Listens on 127.0.0.1 unless told "
+                       "otherwise; any other address needs --api-key or --no-auth.")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]RUN",
+                   help="a run or checkpoint directory, optionally named (repeat for several models)")
+    p.add_argument("--host", default=ServeConfig.host, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=ServeConfig.port, help="port (default 8000; 0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="required on every /v1 request (default: the ATTNLAB_API_KEY environment variable)")
+    p.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
+    p.add_argument("--no-batching", action="store_true", help="decode each request alone (for comparison)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--device", default="cpu")
+    _add_threads_flag(p)
+    limits = p.add_argument_group("batching and limits")
+    for name, kind, default in serve_config_fields():
+        limits.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, metavar=kind.__name__.upper(),
+                            help=f"(default {default!r})")
+
+
+@command("serve")
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    from .serve_config import ServeConfig, serve_config_fields
+
+    settings = {name: getattr(args, name) for name, _, _ in serve_config_fields()}
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ATTNLAB_API_KEY"),
+                         no_auth=args.no_auth, batching=not args.no_batching, access_log=args.access_log, **settings)
+    _set_threads(args)
+    return serve(args.checkpoint, config, device=args.device)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -309,8 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="attnlab", description="Build, train, inspect and run Transformer attention models."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback rather than one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_translate, _add_evaluate, _add_generate, _add_explain, _add_plot, _add_demo):
+    for add in (_add_train, _add_translate, _add_evaluate, _add_generate, _add_explain, _add_plot, _add_serve,
+                _add_demo):
         add(sub)
     return parser
 
@@ -343,14 +407,41 @@ def _one_line_warning(command: str):
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Run a command; every error becomes one line on stderr and a non-zero exit code.
+
+    Exit codes: 2 for a problem the user can fix (attnlab's own errors, bad values, files that
+    cannot be read or written), 128 + N when signal N stopped training (after its checkpoint),
+    130 for Ctrl-C elsewhere, 1 for anything unexpected (with --debug: the traceback).
+    """
+    from ..errors import AttnlabError, TrainingInterrupted
+
+    prefix = f"attnlab {args.command}"
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"attnlab {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as stop:
+        print(f"{prefix}: {stop}", file=sys.stderr)
+        return 128 + stop.signal_number
     except BrokenPipeError:  # the reader went away (`attnlab ... | head`): stop quietly
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print(f"attnlab {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except (AttnlabError, ValueError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"{prefix}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug, or a failure deep inside a library: still one line
+        if args.debug:
+            raise
+        print(f"{prefix}: internal error: {type(error).__name__}: {_one_line(error)} "
+              "(run 'attnlab --debug ...' for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = " ".join(str(error).split())
+    return text or type(error).__name__

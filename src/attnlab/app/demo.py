@@ -19,7 +19,9 @@ from pathlib import Path
 
 from ..data.corpus import load_multi30k
 from ..decode.translate import DecodeConfig, load_translator
+from ..errors import RunDirectoryError
 from ..inspect.explain import explain_example, explain_translation
+from ..store.runlock import RunLock
 from ..train.config import TrainConfig
 from ..train.presets import get_preset
 from ..train.trainer import train
@@ -32,6 +34,26 @@ TEST_SPLIT = "test_2016_flickr"
 
 def _banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
+
+
+MARKER = ".attnlab-demo"  # written into every demo run: the only kind of folder the demo replaces
+
+
+def _clear_previous_demo(out: Path) -> None:
+    """Make room for the demo in ``out``: remove it only if it is an earlier demo run (it holds the
+    demo's marker file); an empty folder is used as it is; anything else is refused, untouched."""
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {out} is a file, not a folder; pick another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise RunDirectoryError(f"--out {out} already holds files that are not an attnlab demo run; the demo "
+                                    "replaces only its own runs: pick another --out or empty the folder yourself")
+        with RunLock(out):  # not while a training is writing there
+            pass
+        print(f"replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `attnlab demo`; the next demo into this folder replaces it\n")
 
 
 def demo_config(minutes: float | None = None, train_fraction: float | None = None) -> TrainConfig:
@@ -66,9 +88,7 @@ def run_demo(
 
     data = "" if config.task.train_fraction == 1.0 else f", on {config.task.train_fraction:.0%} of the data"
     _banner(f"2. Training the 'tiny' preset: German -> English, at most {config.time_limit:g} minutes{data}")
-    if out.exists():
-        print(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
+    _clear_previous_demo(out)
     summary = train(config, out)
 
     _banner("3. Translating test sentences (beam search, beam 4)")

@@ -9,6 +9,7 @@ from typing import Any
 from ..data.corpus import load_multi30k
 from ..decode.load import load_checkpoint
 from ..decode.translate import DecodeConfig, Translator, bleu_scores
+from ..errors import ConfigError
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -19,6 +20,8 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Translate a split with the checkpoint's languages and return sacreBLEU (cased and -lc)."""
+    if limit < 0:
+        raise ConfigError(f"limit must be >= 0 (0: every sentence), got {limit}")
     loaded = load_checkpoint(checkpoint, "translation", device=device)
     pairs = load_multi30k(split, *loaded.languages, data_dir)
     if limit:

@@ -16,6 +16,8 @@ import os
 import zlib
 from pathlib import Path
 
+from ..errors import DataError
+
 __all__ = [
     "CorpusError",
     "DATA_DIR",
@@ -37,7 +39,7 @@ MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 MULTI30K_LANGS = ("de", "en", "fr")
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """A corpus file is missing, unreadable, not UTF-8, empty, or misaligned with its partner."""
 
 

@@ -12,20 +12,36 @@ Shape legend: B batch, T context length, V vocab size.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..data.vocab import BaseVocab
+from ..data.vocab import BaseVocab, CharVocab
+from ..errors import ConfigError
 from ..nn import fast_decode
 from ..nn.attention import _check_token_ids
 from ..nn.model import DecoderOnlyTransformer, LMState
 from .load import load_checkpoint
 from .search import sample
 
-__all__ = ["load_language_model", "generate"]
+__all__ = ["load_language_model", "encode_prompt", "generate"]
+
+
+def encode_prompt(vocab: BaseVocab, text: str) -> list[int]:
+    """The ids of a prompt. Characters a character vocabulary lacks become ``<unk>``, which the model
+    never saw in training and which decoding leaves out of the text: they are named in a warning,
+    never dropped in silence. An empty prompt is an error."""
+    if not text:
+        raise ConfigError("the prompt is empty; give at least one character")
+    if isinstance(vocab, CharVocab):
+        unknown = sorted({c for c in text if vocab.token_to_id(c) is None})
+        if unknown:
+            warnings.warn(f"the prompt's characters {''.join(unknown)!r} are not in the model's vocabulary: "
+                          "they are read as <unk> and left out of the printed text", stacklevel=2)
+    return vocab.encode(text)
 
 
 def load_language_model(path: str | Path, device: str = "cpu") -> tuple[DecoderOnlyTransformer, BaseVocab]:
@@ -91,6 +107,10 @@ def generate(
     if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
         raise ValueError(f"prompt ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
                          f"got {int(prompt.min())}..{int(prompt.max())}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
     context = model.config.max_len
     keep = keep or max(1, context // 2)
     if not 1 <= keep <= context:

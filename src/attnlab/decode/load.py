@@ -9,8 +9,9 @@ thin views of it for the two kinds.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_type_hints
 
 import torch
 from torch import nn
@@ -75,7 +76,50 @@ def load_checkpoint(
     if kind is not None and found != kind:
         raise CheckpointError(f"{directory} holds a {KINDS[found][2]}, not a {KINDS[kind][2]}")
     model_class, config_class, _ = KINDS[found]
-    model = model_class(config_class.from_dict(config["model"]))
+    model = model_class(_model_config(config_class, config.get("model"), directory / "config.json"))
+    src_vocab, tgt_vocab = _vocabularies(read_checkpoint_json(directory, "vocab.json"), directory / "vocab.json")
+    _check_sizes(model, src_vocab, tgt_vocab, directory)
     load_model_state(model, directory)
-    src_vocab, tgt_vocab = vocabs_from_dict(read_checkpoint_json(directory, "vocab.json"))
     return LoadedModel(directory, found, model.to(device).eval(), src_vocab, tgt_vocab, config)
+
+
+def _model_config(config_class: Any, data: Any, source: Path) -> Any:
+    """The model's config from ``config.json``'s "model" object, every field's type checked."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: 'model' must be an object of model sizes, got {type(data).__name__}")
+    hints = get_type_hints(config_class)
+    names = {f.name for f in fields(config_class)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"{source}: model: unknown fields {unknown}")
+    for name, value in data.items():
+        kind = hints[name]
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            fits = True
+        if not fits:
+            raise CheckpointError(f"{source}: model: field {name!r} must be {kind.__name__}, got {value!r}")
+    try:
+        return config_class.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: model: {e}") from None
+
+
+def _vocabularies(data: Any, source: Path) -> tuple[BaseVocab, BaseVocab]:
+    if not isinstance(data, dict) or "src" not in data:
+        raise CheckpointError(f"{source}: expected an object with a 'src' vocabulary (and 'tgt' when not shared)")
+    try:
+        return vocabs_from_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: not a vocabulary attnlab can read ({e})") from None
+
+
+def _check_sizes(model: nn.Module, src_vocab: BaseVocab, tgt_vocab: BaseVocab, directory: Path) -> None:
+    """The vocabularies must be the ones the model was built for."""
+    c = model.config
+    sizes = ({"vocab_size": (len(src_vocab), c.vocab_size)} if hasattr(c, "vocab_size")
+             else {"src_vocab_size": (len(src_vocab), c.src_vocab_size), "tgt_vocab_size": (len(tgt_vocab), c.tgt_vocab_size)})
+    for name, (vocab, model_size) in sizes.items():
+        if vocab != model_size:
+            raise CheckpointError(f"{directory}: vocab.json has {vocab} tokens but config.json's {name} is "
+                                  f"{model_size}: the files come from different models")

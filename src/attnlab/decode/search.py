@@ -15,6 +15,7 @@ Shape legend: B sentences, K beams, N rows (B or B·K), t tokens so far, V vocab
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -26,10 +27,15 @@ StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
 class Hypothesis(NamedTuple):
-    """A finished beam: its tokens (no BOS/EOS) and score = log-probability / length penalty."""
+    """A finished beam: its tokens (no BOS/EOS) and score = log-probability / length penalty.
+
+    ``alternatives``: the next best finished hypotheses of the same sentence, best first, when
+    ``beam_search`` was asked for ``n_best`` > 1; empty otherwise.
+    """
 
     tokens: list[int]
     score: float
+    alternatives: tuple[Hypothesis, ...] = ()
 
 
 def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -86,6 +92,7 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
 def beam_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
     *, pad_id: int, beam_size: int = 4, alpha: float = 0.6, device: torch.device | str = "cpu",
+    n_best: int = 1,
 ) -> list[Hypothesis]:
     """Batched beam search with GNMT length penalty, as in the paper (beam 4, alpha 0.6).
 
@@ -98,10 +105,14 @@ def beam_search(
     limit ends there (as in greedy search), its EOS costing nothing. BOS and ``pad_id`` (the
     vocabulary's padding) are never chosen, exactly as in greedy search.
 
-    ``state`` must describe B rows; it is expanded to B·K here. Returns one ``Hypothesis`` per row.
+    ``state`` must describe B rows; it is expanded to B·K here. Returns one ``Hypothesis`` per row;
+    with ``n_best`` > 1 (at most ``beam_size``) it also carries the next ``n_best`` − 1 finished
+    hypotheses of its row as ``alternatives``, best first.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be in 1..beam_size ({beam_size}), got {n_best}")
     device = torch.device(device)
     B, K = batch_size, beam_size
     limits = _as_lengths(max_len, B, device)  # (B,)
@@ -153,7 +164,12 @@ def beam_search(
         state = state.select(rows)
 
     # Every row is done here: the last position forces EOS, so K hypotheses always finish.
-    return [Hypothesis(*max(finished[b], key=lambda item: item[0])[::-1]) for b in range(B)]
+    # A stable sort keeps the first of equal scores first, as max() picks it.
+    ranked = [sorted(finished[b], key=lambda item: -item[0])[:n_best] for b in range(B)]
+    return [
+        Hypothesis(tokens, score, tuple(Hypothesis(t, s) for s, t in rest))
+        for (score, tokens), *rest in ranked
+    ]
 
 
 def _draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -179,8 +195,8 @@ def sample(
     keeps the smallest set whose probability reaches p (nucleus sampling). A seeded ``generator``
     makes the draw repeatable. Returns the prefix with the new tokens, (N, t + new).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -10,6 +10,7 @@ A source longer than the model's positions is cut, with a warning, in one place:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class DecodeConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.extra_len < 0:
             raise ValueError(f"extra_len must be >= 0, got {self.extra_len}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha (the length penalty) must be a finite number >= 0, got {self.alpha}")
 
 
 class Translator:

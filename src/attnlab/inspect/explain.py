@@ -30,6 +30,8 @@ from ..nn.attention import (
 from ..nn.model import Transformer
 
 __all__ = [
+    "AttentionMaps",
+    "attention_maps",
     "Step",
     "EXAMPLES",
     "EXAMPLE_DIGITS",
@@ -345,9 +347,6 @@ def explain_translation(
     from .plots import plot_attention_maps
     from .report import format_top_attended, top_attended, write_report
 
-    config = model.config
-    # The source as translation reads it: the one policy for an over-long one (warn, then cut).
-    src_ids = Translator(model, src_vocab, tgt_vocab).encode_source([sentence])[0]
     ids = [int(i) for i in translate_fn(sentence)]
     if ids and ids[0] == tgt_vocab.bos_id:
         ids = ids[1:]
@@ -355,28 +354,9 @@ def explain_translation(
         ids = ids[:-1]
     if tgt_vocab.eos_id in ids or tgt_vocab.bos_id in ids:
         raise ValueError(f"translate_fn returned <bos>/<eos> inside the translation: {ids}")
-    decoder_input = [tgt_vocab.bos_id, *ids][: config.max_len]  # (T,)
-    outputs = [*ids, tgt_vocab.eos_id][: len(decoder_input)]
-
-    device = next(model.parameters()).device
-    src = torch.tensor([src_ids], device=device)  # (1, S)
-    tgt = torch.tensor([decoder_input], device=device)  # (1, T)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            encoded = model.encode(src, need_weights=True)
-            decoded = model.decode(tgt, encoded, need_weights=True)
-    finally:
-        model.train(was_training)
-    maps = {
-        "encoder": [w[0].float().cpu() for w in encoded.weights],  # (H, S, S) per layer
-        "decoder": [w[0].float().cpu() for w in decoded.self_weights],  # (H, T, T)
-        "cross": [w[0].float().cpu() for w in decoded.cross_weights],  # (H, T, S)
-    }
-    src_tokens = [src_vocab.id_to_token(i) for i in src_ids]
-    tgt_tokens = [tgt_vocab.id_to_token(i) for i in decoder_input]
-    output_tokens = [tgt_vocab.id_to_token(i) for i in outputs]
+    collected = attention_maps(model, src_vocab, tgt_vocab, sentence, ids)
+    maps, src_tokens, tgt_tokens = collected.maps, collected.src_tokens, collected.tgt_tokens
+    output_tokens = collected.output_tokens
     translation = tgt_vocab.decode(ids)
 
     out = Path(out_dir)
@@ -404,3 +384,50 @@ def explain_translation(
         report=report,
         top_attended=format_top_attended(top),
     )
+
+
+# -- the maps of one translation, as data ------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionMaps:
+    """Every attention map of one translation, with the tokens that label their rows and columns."""
+
+    src_tokens: list[str]  # the source as the encoder reads it, <eos> included (S)
+    tgt_tokens: list[str]  # the decoder's input: <bos> and the translation (T)
+    output_tokens: list[str]  # the token each decoder position produced: the translation, <eos> (T)
+    maps: dict[str, list[Tensor]]  # "encoder" (H, S, S), "decoder" (H, T, T), "cross" (H, T, S) per layer
+
+
+@torch.no_grad()
+def attention_maps(
+    model: Transformer, src_vocab: BaseVocab, tgt_vocab: BaseVocab, sentence: str, target_ids: Sequence[int]
+) -> AttentionMaps:
+    """The attention maps of ``model`` reading ``sentence`` and its translation ``target_ids``
+    (without <bos>/<eos>), as ``explain_translation`` collects them, returned as data: nothing is
+    written. The source is encoded by ``Translator.encode_source``; the decoder runs once over
+    <bos> + translation, in evaluation mode (the model is given back in the mode it came in)."""
+    src_ids = Translator(model, src_vocab, tgt_vocab).encode_source([sentence])[0]
+    ids = [int(i) for i in target_ids]
+    if tgt_vocab.eos_id in ids or tgt_vocab.bos_id in ids:
+        raise ValueError(f"target_ids must hold the translation without <bos>/<eos>, got {ids}")
+    decoder_input = [tgt_vocab.bos_id, *ids][: model.config.max_len]  # (T,)
+    outputs = [*ids, tgt_vocab.eos_id][: len(decoder_input)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        encoded = model.encode(torch.tensor([src_ids], device=device), need_weights=True)  # (1, S)
+        decoded = model.decode(torch.tensor([decoder_input], device=device), encoded, need_weights=True)
+    finally:
+        model.train(was_training)
+    maps = {
+        "encoder": [w[0].float().cpu() for w in encoded.weights],  # (H, S, S) per layer
+        "decoder": [w[0].float().cpu() for w in decoded.self_weights],  # (H, T, T)
+        "cross": [w[0].float().cpu() for w in decoded.cross_weights],  # (H, T, S)
+    }
+    return AttentionMaps(
+        src_tokens=[src_vocab.id_to_token(i) for i in src_ids],
+        tgt_tokens=[tgt_vocab.id_to_token(i) for i in decoder_input],
+        output_tokens=[tgt_vocab.id_to_token(i) for i in outputs],
+        maps=maps,
+    )
+

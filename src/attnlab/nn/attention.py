@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ __all__ = [
     "Projection",
     "causal_mask",
     "padding_mask",
+    "dropout",
     "scaled_dot_product_attention",
     "simple_self_attention",
     "SelfAttention",
@@ -85,6 +87,27 @@ def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
     """Boolean (B, 1, 1, S) mask that is False at padding tokens, so no query attends to them."""
     _check_token_ids(tokens, "tokens")
     return (tokens != pad_id)[:, None, None, :]
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout, as ``F.dropout``: each element is kept with probability 1 − p and scaled
+    by 1/(1 − p), or zeroed.
+
+    On the CPU the keep/drop draws come from NumPy's PCG64 generator, seeded by one draw from
+    PyTorch's generator, so ``torch.manual_seed`` and a checkpoint's RNG state still fix them.
+    PyTorch draws CPU masks one element at a time from its Mersenne Twister, about three times
+    slower, which made the masks a tenth of a training step. Other devices use ``F.dropout``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    uniform = np.random.Generator(np.random.PCG64(seed)).random(x.numel(), dtype=np.float32)  # [0, 1)
+    keep = torch.from_numpy(uniform).view(x.shape).ge_(p)  # 1.0 with probability 1 − p, else 0.0
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 def _check_token_ids(tokens: Tensor, name: str) -> None:
@@ -149,10 +172,13 @@ def _attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, dropout_p: float,
     need_weights: bool,
 ) -> AttentionOutput:
-    """Choose the path, trusting the inputs: the reference one when the weights are wanted."""
+    """Choose the path, trusting the inputs: the reference one when the weights are wanted, and for
+    dropout on the CPU, where PyTorch's fused kernels cannot drop weights and its own fallback path
+    (the same products) draws the masks slowly (see ``dropout``); the fused one otherwise."""
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    if need_weights:
-        return AttentionOutput(*_reference_attention(q, k, v, mask, scale, dropout_p))
+    if need_weights or (dropout_p > 0 and q.device.type == "cpu"):
+        output, weights = _reference_attention(q, k, v, mask, scale, dropout_p)
+        return AttentionOutput(output, weights if need_weights else None)
     return AttentionOutput(_fused_attention(q, k, v, mask, scale, dropout_p), None)
 
 
@@ -163,12 +189,12 @@ def _reference_attention(
     scores = q @ k.transpose(-2, -1) * scale  # (..., T, S)
     if mask is not None:
         # A large negative number (not -inf) keeps fully masked rows finite; they are zeroed below.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)  # (..., T, S)
-    if mask is not None:
-        weights = weights.masked_fill(~mask, 0.0)
-    attended = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    return attended @ v, weights  # (..., T, Dv), (..., T, S)
+        blocked = ~mask
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)  # (..., T, S); exactly 0 where blocked, in a row that has a key
+    if mask is not None and not bool(mask.any(dim=-1).all()):
+        weights = weights.masked_fill(blocked, 0.0)  # rows without a key: 0, not uniform weights
+    return dropout(weights, dropout_p) @ v, weights  # (..., T, Dv), (..., T, S)
 
 
 def _fused_attention(

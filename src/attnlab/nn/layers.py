@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KV, MultiHeadAttention, _check_mask
+from .attention import KV, MultiHeadAttention, _check_mask, dropout
 
 __all__ = [
+    "Dropout",
     "PositionalEncoding",
     "AddNorm",
     "PositionwiseFeedForward",
@@ -29,6 +30,14 @@ __all__ = [
     "EncoderLayerResult",
     "DecoderLayerResult",
 ]
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` computed by ``attnlab.nn.attention.dropout``: masks of the same distribution,
+    drawn faster on the CPU. Its probability must be below 1."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
 
 
 class PositionalEncoding(nn.Module):
@@ -51,7 +60,7 @@ class PositionalEncoding(nn.Module):
         if d_model % 2 != 0:
             raise ValueError(f"d_model must be even for sine/cosine pairs, got {d_model}")
         self.max_len = max_len
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         position = torch.arange(max_len, dtype=torch.float64)[:, None]  # (max_len, 1)
         frequency = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
         angles = position * frequency  # (max_len, E/2)
@@ -79,7 +88,7 @@ class AddNorm(nn.Module):
     def __init__(self, d_model: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, sublayer_output: Tensor) -> Tensor:
         return self.norm(x + self.dropout(sublayer_output))
@@ -98,7 +107,7 @@ class PositionwiseFeedForward(nn.Module):
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(self.dropout(self.activation(self.w_1(x))))
@@ -174,8 +183,8 @@ class EncoderLayer(_Sublayers):
         self.feed_forward = PositionwiseFeedForward(d_model, d_ff, dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x, mask, keys=x.size(1))
@@ -210,9 +219,9 @@ class DecoderLayer(_Sublayers):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
 
     def forward(
         self,

@@ -334,6 +334,13 @@ class Transformer(nn.Module):
     def _decode_layers(
         self, tgt: Tensor, state: DecoderState, self_mask: Tensor | None, need_weights: bool, keep_cache: bool
     ) -> tuple[Tensor, DecoderState, list[Tensor] | None, list[Tensor] | None]:
+        hidden, new_state, self_w, cross_w = self._decoder_stack(tgt, state, self_mask, need_weights, keep_cache)
+        return self.output(hidden), new_state, self_w, cross_w  # logits (B, T, V)
+
+    def _decoder_stack(
+        self, tgt: Tensor, state: DecoderState, self_mask: Tensor | None, need_weights: bool, keep_cache: bool
+    ) -> tuple[Tensor, DecoderState, list[Tensor] | None, list[Tensor] | None]:
+        """The decoder layers, up to the final hidden states (B, T, E) that the output layer reads."""
         x = self.positional(self.tgt_embed(tgt), start=state.length)  # (B, T, E)
         pasts = state.self_kv or (None,) * len(self.decoder_layers)
         new_kv, self_w, cross_w = [], [], []
@@ -342,22 +349,31 @@ class Transformer(nn.Module):
             new_kv.append(kv)
             self_w.append(sw)
             cross_w.append(cw)
-        logits = self.output(self.decoder_norm(x))  # (B, T, V)
+        hidden = self.decoder_norm(x)  # (B, T, E)
         new_state = state._replace(
             self_kv=tuple(new_kv) if keep_cache else None, length=state.length + tgt.size(1)
         )
         if not need_weights:
-            return logits, new_state, None, None
-        return logits, new_state, self_w, cross_w
+            return hidden, new_state, None, None
+        return hidden, new_state, self_w, cross_w
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Teacher forcing: source ids (B, S) and target input ids (B, T) -> logits (B, T, V)."""
+    def forward(self, src: Tensor, tgt: Tensor, *, features_only: bool = False) -> Tensor:
+        """Teacher forcing: source ids (B, S) and target input ids (B, T) -> logits (B, T, V).
+
+        With ``features_only=True`` it returns the decoder's final hidden states (B, T, E) instead,
+        the input of the output layer (the logits are ``model.output(hidden)``), from which
+        ``attnlab.train.losses.linear_cross_entropy`` computes the training loss without the
+        logits. It is a switch of ``forward`` rather than a method of its own because
+        DistributedDataParallel synchronises gradients only for what runs through ``forward``.
+        """
         _check_tokens(src, "src", self.config.src_vocab_size)
         _check_tokens(tgt, "tgt", self.config.tgt_vocab_size)
         if src.size(0) != tgt.size(0):
             raise ValueError(f"src has batch {src.size(0)} but tgt has batch {tgt.size(0)}")
         encoded = self._encode(src, self._src_mask(src), need_weights=False)
-        return self._decode(tgt, encoded, self._tgt_mask(tgt), need_weights=False).logits
+        state = self._start_decoding(encoded)
+        hidden, _, _, _ = self._decoder_stack(tgt, state, self._tgt_mask(tgt), need_weights=False, keep_cache=False)
+        return hidden if features_only else self.output(hidden)  # (B, T, E) or (B, T, V)
 
 
 @dataclass(frozen=True)
@@ -422,17 +438,21 @@ class DecoderOnlyTransformer(nn.Module):
         if c.tie_embeddings:
             self.output.weight = self.embed.embedding.weight
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits for every position: tokens (B, T) -> (B, T, V)."""
+    def forward(self, tokens: Tensor, *, features_only: bool = False) -> Tensor:
+        """Logits for every position: tokens (B, T) -> (B, T, V).
+
+        With ``features_only=True``, the final hidden states (B, T, E) under the output layer
+        instead, as ``Transformer.forward`` gives them (for the training loss).
+        """
         _check_tokens(tokens, "tokens", self.config.vocab_size)
-        logits, _, _ = self._run(tokens, LMState(None, 0), need_weights=False, keep_cache=False)
-        return logits
+        hidden, _, _ = self._stack(tokens, LMState(None, 0), need_weights=False, keep_cache=False)
+        return hidden if features_only else self.output(hidden)  # (B, T, E) or (B, T, V)
 
     def forward_with_weights(self, tokens: Tensor) -> LMOutput:
         """``forward``'s logits and every layer's attention weights (B, H, T, T), for inspection."""
         _check_tokens(tokens, "tokens", self.config.vocab_size)
-        logits, _, weights = self._run(tokens, LMState(None, 0), need_weights=True, keep_cache=False)
-        return LMOutput(logits, weights)
+        hidden, _, weights = self._stack(tokens, LMState(None, 0), need_weights=True, keep_cache=False)
+        return LMOutput(self.output(hidden), weights)
 
     def start(self) -> LMState:
         """An empty cache."""
@@ -441,12 +461,13 @@ class DecoderOnlyTransformer(nn.Module):
     def step(self, tokens: Tensor, state: LMState) -> tuple[Tensor, LMState]:
         """Logits (B, T_new, V) of new positions ``tokens`` (B, T_new) after the cached ones."""
         _check_tokens(tokens, "tokens", self.config.vocab_size)
-        logits, state, _ = self._run(tokens, state, need_weights=False, keep_cache=True)
-        return logits, state
+        hidden, state, _ = self._stack(tokens, state, need_weights=False, keep_cache=True)
+        return self.output(hidden), state
 
-    def _run(
+    def _stack(
         self, tokens: Tensor, state: LMState, need_weights: bool, keep_cache: bool
     ) -> tuple[Tensor, LMState, list[Tensor]]:
+        """The layers, up to the final hidden states (B, T, E) that the output layer reads."""
         T = tokens.size(1)
         mask = _step_mask(T, state.length, tokens.device)
         x = self.positional(self.embed(tokens), start=state.length)  # (B, T, E)
@@ -456,6 +477,5 @@ class DecoderOnlyTransformer(nn.Module):
             x, kv, w = layer.run(x, mask, past, need_weights)
             new_kv.append(kv)
             weights.append(w)
-        logits = self.output(self.norm(x))  # (B, T, V)
         new_state = LMState(tuple(new_kv) if keep_cache else None, state.length + T)
-        return logits, new_state, weights
+        return self.norm(x), new_state, weights  # (B, T, E)

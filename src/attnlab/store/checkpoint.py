@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .files import write_text_atomic
+from ..errors import CheckpointError
+from .files import current_umask, write_text_atomic
 
 __all__ = [
     "CheckpointError",
@@ -36,14 +37,13 @@ __all__ = [
     "read_checkpoint_json",
     "load_trainer_state",
     "resolve_checkpoint",
+    "checkpoint_in_run",
     "average_checkpoints",
+    "remove_orphans",
+    "read_json",
 ]
 
 POINTER = "checkpoints.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or not an attnlab checkpoint."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -77,12 +77,12 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
-        save_file(_unique_state(model), str(tmp / "model.safetensors"))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700, made like any folder the user creates
+        _save_tensors(_unique_state(model), tmp / "model.safetensors")
         write_json_atomic(tmp / "config.json", config)
         write_json_atomic(tmp / "vocab.json", vocab)
         if trainer_tensors is not None:
-            save_file({k: v.contiguous().cpu() for k, v in trainer_tensors.items()},
-                      str(tmp / "trainer.safetensors"))
+            _save_tensors({k: v.contiguous().cpu() for k, v in trainer_tensors.items()}, tmp / "trainer.safetensors")
         if trainer_info is not None:
             write_json_atomic(tmp / "trainer.json", trainer_info)
         if directory.exists():  # replacing: move the old one aside first, then drop it
@@ -99,6 +99,11 @@ def save_checkpoint(
     return directory
 
 
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; give it the user's usual mode
+
+
 def _require(directory: Path, name: str) -> Path:
     path = Path(directory) / name
     if not path.is_file():
@@ -108,14 +113,53 @@ def _require(directory: Path, name: str) -> Path:
 
 def read_checkpoint_json(directory: Path, name: str) -> Any:
     """Read ``config.json``, ``vocab.json`` or ``trainer.json`` of a checkpoint."""
-    with open(_require(directory, name), encoding="utf-8") as f:
-        return json.load(f)
+    path = _require(directory, name)
+    return read_json(path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or a CheckpointError that names the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def _load_tensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load_model_state(model: nn.Module, directory: Path, map_location: str | torch.device = "cpu") -> None:
-    """Load weights saved by ``save_checkpoint`` into ``model`` (tied weights are restored by tying)."""
-    tensors = load_file(str(_require(directory, "model.safetensors")), device=str(map_location))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    """Load weights saved by ``save_checkpoint`` into ``model`` (tied weights are restored by tying).
+
+    Every tensor is checked before it is used: its dtype must be the model's (no int64 or half
+    weights loaded silently), its shape the model's, and its values finite.
+    """
+    path = _require(directory, "model.safetensors")
+    tensors = _load_tensors(path, str(map_location))
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        want = expected.get(name)
+        if want is None:
+            continue  # reported below with the other unexpected names (or turned by a load hook)
+        if tensor.dtype != want.dtype:
+            raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, the model's is {want.dtype}")
+        if tensor.shape != want.shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"the model's is {tuple(want.shape)} (a checkpoint of another model size?)")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes that a load hook joined, e.g. old separate Q/K/V weights
+        raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[-1].strip()})") from None
     tied = {name for name in missing if _is_tied(model, name)}
     missing = [name for name in missing if name not in tied]
     if missing or unexpected:
@@ -134,7 +178,7 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 def load_trainer_state(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The optimizer/RNG tensors and the JSON trainer info of a training checkpoint."""
-    tensors = load_file(str(_require(directory, "trainer.safetensors")))
+    tensors = _load_tensors(_require(directory, "trainer.safetensors"))
     return tensors, read_checkpoint_json(directory, "trainer.json")
 
 
@@ -154,13 +198,27 @@ def resolve_checkpoint(path: Path, which: str = "model") -> Path:
         raise CheckpointError(
             f"{path} is neither a checkpoint (no model.safetensors) nor a run directory (no {POINTER})"
         )
-    with open(pointer, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = read_json(pointer)
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{pointer}: expected an object, got {type(entries).__name__}")
     order = {"model": ("model", "best", "last"), "best": ("best",), "last": ("last",)}[which]
     for key in order:
         if entries.get(key):
-            return path / entries[key]
+            return checkpoint_in_run(path, entries[key], f"{pointer}: {key!r}")
     raise CheckpointError(f"{pointer} names no '{which}' checkpoint")
+
+
+def checkpoint_in_run(run: Path, relative: Any, where: str) -> Path:
+    """``run / relative`` for a name read from a run's files; it must be a folder inside ``run/ckpt``.
+
+    A crafted or corrupted file cannot point attnlab (which may delete old checkpoints) anywhere else.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise CheckpointError(f"{where}: expected a checkpoint path such as 'ckpt/step-0000100', got {relative!r}")
+    path = Path(run) / relative
+    if not path.resolve().is_relative_to((Path(run) / "ckpt").resolve()) or path.resolve() == (Path(run) / "ckpt").resolve():
+        raise CheckpointError(f"{where}: {relative!r} is outside the run's ckpt/ folder")
+    return path
 
 
 def average_checkpoints(directories: list[Path]) -> dict[str, Tensor]:
@@ -169,7 +227,7 @@ def average_checkpoints(directories: list[Path]) -> dict[str, Tensor]:
         raise CheckpointError("no checkpoints to average")
     total: dict[str, Tensor] = {}
     for directory in directories:
-        tensors = load_file(str(_require(directory, "model.safetensors")))
+        tensors = _load_tensors(_require(directory, "model.safetensors"))
         if total and tensors.keys() != total.keys():
             raise CheckpointError(f"{directory} holds different tensors from {directories[0]}")
         for name, tensor in tensors.items():
@@ -180,3 +238,21 @@ def average_checkpoints(directories: list[Path]) -> dict[str, Tensor]:
     return {
         name: (t / len(directories)).float() if t.is_floating_point() else t for name, t in total.items()
     }
+
+
+def remove_orphans(run: Path) -> list[Path]:
+    """Remove what an interrupted save left in a run: temporary checkpoint folders and files.
+
+    ``save_checkpoint`` builds ``ckpt/.NAME.*.tmp`` and moves a replaced one to ``ckpt/.NAME.old``;
+    atomic file writes use ``.NAME.*.tmp``. Call this only while holding the run's lock, so that no
+    other process is writing them. Returns what was removed.
+    """
+    removed = []
+    for folder in (Path(run), Path(run) / "ckpt"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.endswith(".old")):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed.append(path)
+    return removed

@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that a resumed run may change: how long it goes on, and on what. Everything else
 # (model shape, vocabulary, data, optimisation) is the run's own.
-RESUMABLE_FIELDS = ("epochs", "max_steps", "time_limit", "patience", "eval_every", "device", "threads")
+RESUMABLE_FIELDS = ("epochs", "max_steps", "time_limit", "patience", "eval_every", "save_every", "device", "threads")
 
 
 def _require(condition: bool, name: str, rule: str, value: Any) -> None:
@@ -145,6 +145,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit
     time_limit: float = 0.0  # minutes of training, evaluations included; 0: no limit
     eval_every: int = 0  # steps between evaluations; 0: once per epoch
+    save_every: int = 0  # steps between resumable checkpoints without evaluation (ckpt/latest); 0: none
     patience: int = 0  # evaluations without improvement before stopping early, 0: never
     keep_last: int = 5  # checkpoints kept for averaging
     average_last: int = 5  # checkpoints averaged at the end, 0/1: none
@@ -164,7 +165,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         _require(self.d_model % self.num_heads == 0, "d_model", f"divisible by num_heads={self.num_heads}",
                  self.d_model)
-        for name in ("max_steps", "time_limit", "eval_every", "patience", "average_last", "threads",
+        for name in ("max_steps", "time_limit", "eval_every", "save_every", "patience", "average_last", "threads",
                      "weight_decay", "clip_norm", "min_lr"):
             _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         _require(self.lr > 0, "lr", "> 0", self.lr)

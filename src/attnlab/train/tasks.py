@@ -30,7 +30,7 @@ from ..nn.model import (
     TransformerConfig,
 )
 from .config import LanguageModelSettings, TrainConfig, TranslationSettings
-from .losses import label_smoothed_loss
+from .losses import label_smoothed_loss, linear_cross_entropy
 
 __all__ = ["LossStats", "Task", "TranslationTask", "LanguageModelTask", "build_task", "shakespeare_text"]
 
@@ -166,8 +166,13 @@ class TranslationTask(Task):
 
     def loss(self, model: nn.Module, tensors: tuple[Tensor, Tensor]) -> LossStats:
         src, tgt = tensors
-        logits = model(src, tgt[:, :-1])  # (B, T, V): predict each next target token
-        loss_sum, n_tokens = label_smoothed_loss(logits, tgt[:, 1:], self.pad_id, self.config.label_smoothing)
+        # The decoder's hidden states under the output layer, through forward (which
+        # DistributedDataParallel wraps); the loss applies the output layer block by block.
+        hidden = model(src, tgt[:, :-1], features_only=True)  # (B, T, E): predict each next target token
+        output = getattr(model, "module", model).output  # a wrapped model's own layer
+        loss_sum, n_tokens = linear_cross_entropy(
+            hidden, output.weight, output.bias, tgt[:, 1:], self.pad_id, self.config.label_smoothing
+        )
         return LossStats(loss_sum, n_tokens, int(src.ne(self.pad_id).sum()) + int(n_tokens))
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
@@ -261,7 +266,11 @@ class LanguageModelTask(Task):
 
     def loss(self, model: nn.Module, tensors: tuple[Tensor, Tensor]) -> LossStats:
         x, y = tensors
-        loss_sum, n = label_smoothed_loss(model(x), y, self.vocab.pad_id, self.config.label_smoothing)
+        hidden = model(x, features_only=True)  # (B, T, E), as in TranslationTask.loss
+        output = getattr(model, "module", model).output
+        loss_sum, n = linear_cross_entropy(
+            hidden, output.weight, output.bias, y, self.vocab.pad_id, self.config.label_smoothing
+        )
         return LossStats(loss_sum, n, x.numel())
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:

@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,19 +36,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..data.batching import shard
+from ..errors import CheckpointError, RunDirectoryError, TrainingInterrupted
 from ..inspect.plots import plot_training_log
 from ..store.checkpoint import (
     POINTER,
-    CheckpointError,
     average_checkpoints,
+    checkpoint_in_run,
     load_model_state,
     load_trainer_state,
     read_checkpoint_json,
+    read_json,
+    remove_orphans,
     resolve_checkpoint,
     save_checkpoint,
     write_json_atomic,
 )
+from ..store.files import write_text_atomic
+from ..store.runlock import RunLock
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .optim import build_adam, cosine_lr, noam_lr
 from .tasks import Task, build_task
@@ -135,13 +142,14 @@ class TrainerState:
 
     step: int = 0  # optimisation steps taken
     epoch: int = 0  # epochs completed
-    batch: int = 0  # position in the current epoch's batches (of this process's shard)
+    batch: int = 0  # batches of the current epoch taken so far, by all processes together
     elapsed: float = 0.0  # seconds since the run started, evaluations included
     train_seconds: float = 0.0  # seconds spent in training steps
     tokens: int = 0  # tokens read by the model, all processes
     best: float | None = None  # best value of the task's metric so far
     stale: int = 0  # evaluations since the best one
     metrics: dict[str, Any] = field(default_factory=dict)  # the last evaluation's
+    world_size: int = 1  # processes that wrote this state (the batch position is global, any may resume)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,8 +167,8 @@ class TrainerState:
             if not _fits(known[name].type, value):
                 raise CheckpointError(f"{source}: field {name!r} must be {known[name].type}, got {value!r}")
         state = cls(**data)
-        if min(state.step, state.epoch, state.batch, state.tokens, state.stale) < 0:
-            raise CheckpointError(f"{source}: step, epoch, batch, tokens and stale must be >= 0")
+        if min(state.step, state.epoch, state.batch, state.tokens, state.stale) < 0 or state.world_size < 1:
+            raise CheckpointError(f"{source}: step, epoch, batch, tokens and stale must be >= 0, world_size >= 1")
         return state
 
 
@@ -238,18 +246,29 @@ def _restore_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors
 class _Run:
     """The run directory: log, pointer file, checkpoint rotation. Used on the main process only."""
 
+    LATEST = "latest"  # the resumable checkpoint written between evaluations (interrupt, --save-every)
+
     def __init__(self, out_dir: Path, config: TrainConfig, task: Task, model_config: dict[str, Any]) -> None:
         self.dir = out_dir
         self.config = config
         self.task = task
         self.model_config = model_config
         self.log_path = out_dir / "train.jsonl"
-        pointer = out_dir / POINTER
-        self.pointer = json.loads(pointer.read_text()) if pointer.exists() else {"history": []}
+        self.pointer = _read_pointer(out_dir / POINTER) if (out_dir / POINTER).exists() else {"history": []}
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+    def forget_log_after(self, step: int) -> int:
+        """Drop log rows of steps after ``step`` (written before a save that never completed)."""
+        if not self.log_path.exists():
+            return 0
+        lines = self.log_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            write_text_atomic(self.log_path, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
 
     def config_json(self) -> dict[str, Any]:
         return {"kind": self.task.kind, "model": self.model_config, "train": self.config.to_dict()}
@@ -264,13 +283,16 @@ class _Run:
         self.pointer["history"].append({"checkpoint": f"ckpt/{name}", **metrics})
         self._prune()
         write_json_atomic(self.dir / POINTER, self.pointer)
+        latest = self.dir / "ckpt" / self.LATEST
+        if latest.exists():  # superseded by this evaluated checkpoint
+            shutil.rmtree(latest)
+
+    def record_latest(self) -> None:
+        self.pointer["last"] = f"ckpt/{self.LATEST}"
+        write_json_atomic(self.dir / POINTER, self.pointer)
 
     def _inside(self, relative: str) -> Path:
-        """``relative`` (read from the run's files) as a path that must stay inside the run."""
-        path = (self.dir / relative).resolve()
-        if not path.is_relative_to((self.dir / "ckpt").resolve()):
-            raise CheckpointError(f"{self.dir / POINTER} names {relative!r}, which is outside {self.dir / 'ckpt'}")
-        return path
+        return checkpoint_in_run(self.dir, relative, f"{self.dir / POINTER}: history")
 
     def _step_checkpoints(self) -> list[str]:
         steps = [h["checkpoint"] for h in self.pointer["history"] if h["checkpoint"].startswith("ckpt/step-")]
@@ -297,17 +319,32 @@ class _Run:
         plot_training_log([r for r in rows if r.get("event") == "eval"], metrics, self.dir / "loss.png")
 
 
+def _read_pointer(path: Path) -> dict[str, Any]:
+    """A run's ``checkpoints.json``, checked: an object whose history lists checkpoint entries."""
+    pointer = read_json(path)
+    history = pointer.get("history") if isinstance(pointer, dict) else None
+    if not isinstance(history, list) or not all(isinstance(h, dict) and isinstance(h.get("checkpoint"), str)
+                                                for h in history):
+        raise CheckpointError(f"{path}: expected an object with a 'history' list of {{'checkpoint': ...}} entries")
+    return pointer
+
+
 # -- the trainer ----------------------------------------------------------------------------------
 class Trainer:
-    """One training run: ``Trainer.start`` (a new run) or ``Trainer.resume``, then ``fit()``."""
+    """One training run: ``Trainer.start`` (a new run) or ``Trainer.resume``, then ``fit()``.
+
+    The main process holds the run directory's lock (``attnlab.store.runlock``) from the moment
+    the trainer is made until ``fit`` ends, so no second writer can mix its files into the run.
+    """
 
     def __init__(
         self, config: TrainConfig, out_dir: str | Path, *, resume_from: Path | None = None,
-        progress: bool = True, echo: Callable[[str], None] = print,
+        progress: bool = True, echo: Callable[[str], None] = print, lock: RunLock | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
+        self.lock = lock
         self.device = pick_device(config.device)
         self.world = setup_world(self.device)
         self.say = echo if self.world.is_main else (lambda _message: None)
@@ -318,12 +355,17 @@ class Trainer:
         self.model = self.task.build_model().to(self.device)
         self.optimizer = build_adam(self.model, (config.adam_beta1, config.adam_beta2), config.adam_eps,
                                     config.weight_decay)
-        self.state = TrainerState()
+        self.state = TrainerState(world_size=self.world.size)
         if resume_from is not None:
             load_model_state(self.model, resume_from, self.device)
             tensors, info = load_trainer_state(resume_from)
             _restore_trainer(self.model, self.optimizer, tensors)
             self.state = TrainerState.from_dict(info, str(resume_from / "trainer.json"))
+            if self.state.world_size != self.world.size:
+                self.say(f"the run was written by {self.state.world_size} process(es), continues with "
+                         f"{self.world.size}: batch position {self.state.batch} of epoch {self.state.epoch + 1} "
+                         "is global, so no batch is repeated or skipped")
+                self.state.world_size = self.world.size
         if self.world.rank > 0:  # distinct dropout streams: rank 0 keeps the run's own
             torch.manual_seed((config.seed * 1_000_003 + self.world.rank * 7919 + self.state.step) % 2**63)
         self.ddp: nn.Module = self.model
@@ -332,42 +374,67 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.run = _Run(self.out_dir, config, self.task, self.task.model_config().to_dict()) if self.world.is_main else None
         self.window = _Window()
+        self._signal: int | None = None
 
     # -- making one ------------------------------------------------------------------------------
     @classmethod
     def start(cls, config: TrainConfig, out_dir: str | Path, **kwargs: Any) -> "Trainer":
-        """A new run in ``out_dir``, which must not hold one already."""
-        if (Path(out_dir) / POINTER).exists():
-            raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
-        return cls(config, out_dir, **kwargs)
+        """A new run in ``out_dir``, which must not hold one already and must be writable."""
+        out_dir = Path(out_dir)
+        lock = _lock_run(out_dir)
+        try:
+            if (out_dir / POINTER).exists():
+                raise RunDirectoryError(f"{out_dir} already holds a run; pass --resume to continue it "
+                                        "or pick another --out")
+            if lock is not None:
+                remove_orphans(out_dir)
+            return cls(config, out_dir, lock=lock, **kwargs)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
     @classmethod
     def resume(cls, out_dir: str | Path, changes: dict[str, Any] | None = None, **kwargs: Any) -> "Trainer":
         """The run in ``out_dir``, from its last checkpoint, with every setting the run had.
 
         ``changes`` may set only the length of the run and the machine (``RESUMABLE_FIELDS``);
-        anything else is an error that names the setting.
+        anything else is an error that names the setting. What a save that never completed left
+        behind (temporary folders, log rows after the checkpoint) is cleaned first.
         """
-        last = resolve_checkpoint(Path(out_dir), "last")
+        out_dir = Path(out_dir)
+        last = resolve_checkpoint(out_dir, "last")
         saved = TrainConfig.from_dict(read_checkpoint_json(last, "config.json").get("train"),
                                       str(last / "config.json"))
         fixed = sorted(set(changes or {}) - set(RESUMABLE_FIELDS))
         if fixed:
             raise ValueError(f"cannot change {', '.join(fixed)} when resuming {out_dir}: a run keeps its settings; "
                              f"only {', '.join(RESUMABLE_FIELDS)} may change (start a new run for the others)")
-        trainer = cls(saved.override(**(changes or {})), out_dir, resume_from=last, **kwargs)
+        lock = _lock_run(out_dir)
+        try:
+            if lock is not None:
+                remove_orphans(out_dir)
+            trainer = cls(saved.override(**(changes or {})), out_dir, resume_from=last, lock=lock, **kwargs)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if trainer.run is not None:
+            dropped = trainer.run.forget_log_after(trainer.state.step)
+            if dropped:
+                trainer.say(f"dropped {dropped} log row(s) written after {last.name} by a save that never completed")
         trainer.say(f"resuming {out_dir} from {last.name} (step {trainer.state.step})")
         return trainer
 
     # -- the three things a trainer does --------------------------------------------------------
     def step(self, batch: Any) -> StepStats:
-        """One optimisation step on one batch of this process's shard."""
+        """One optimisation step: this process's batch of the global batch (one batch per process)."""
         started = time.perf_counter()
         tensors = self.task.to_tensors(batch, self.device)
         self.state.step += 1
         stats = train_step(self.ddp, self.optimizer, self.task, tensors, learning_rate(self.config, self.state.step),
                            self.config, self.world)
-        self.state.batch += 1
+        self.state.batch += self.world.size  # the position is global: batches taken by all processes
         self.state.train_seconds += time.perf_counter() - started
         self.state.tokens += stats.tokens_read
         self.window.add(stats)
@@ -396,6 +463,16 @@ class Trainer:
             self.window = _Window()
         return _agree(out_of_patience, self.world)
 
+    def save_latest(self) -> None:
+        """Write a resumable checkpoint without evaluating (``ckpt/latest``; on SIGINT/SIGTERM and
+        every ``save_every`` steps). The next evaluated checkpoint replaces it as the run's last."""
+        if self.world.is_main:
+            state = self.state
+            self.run.save(_Run.LATEST, self.model, _trainer_tensors(self.model, self.optimizer), state.to_dict())
+            self.run.record_latest()
+            self.run.log({"event": "save", "step": state.step, "epoch": state.epoch,
+                          "elapsed_min": round(state.elapsed / 60, 2)})
+
     def limit_reached(self) -> str | None:
         """Why the run must stop now (step or time limit, on every process alike), or None."""
         c = self.config
@@ -410,13 +487,45 @@ class Trainer:
         """Train until a limit, write the summary and the plot, and return the summary.
 
         The process's thread count is set from ``config.threads`` for the run and restored after.
+        SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before it kills a job) finish
+        the current step, write a resumable checkpoint and raise ``TrainingInterrupted``; the
+        handlers that were there before are put back afterwards. The run's lock is released at the end.
         """
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config.threads or max(1, (os.cpu_count() or 1) // self.world.size))
+        handlers = self._catch_signals()
         try:
             return self._fit()
         finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
             torch.set_num_threads(threads)
+            if self.lock is not None:
+                self.lock.release()
+
+    def _catch_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # only the main thread may set handlers; Ctrl-C then stops it the usual way
+
+        def note(number: int, _frame: Any) -> None:
+            if self._signal is not None and number == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, the last checkpoint stays
+            self._signal = number
+
+        return {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def _interrupted(self) -> bool:
+        return _agree(self._signal is not None, self.world)
+
+    def _stop_on_signal(self) -> None:
+        self.save_latest()
+        number = self._signal or signal.SIGTERM
+        name = signal.Signals(number).name
+        where = f"{self.out_dir / 'ckpt' / _Run.LATEST}"
+        message = (f"interrupted by {name} after step {self.state.step}; a resumable checkpoint is in {where}. "
+                   f"Continue with: attnlab train --out {self.out_dir} --resume")
+        self.say(message)
+        raise TrainingInterrupted(message, number)
 
     def _fit(self) -> dict[str, Any]:
         c, state, world = self.config, self.state, self.world
@@ -429,29 +538,36 @@ class Trainer:
         wall_start, elapsed_before = time.perf_counter(), state.elapsed
         reason = _stop_for_steps(c.max_steps) if c.max_steps and state.step >= c.max_steps else None
         while reason is None and state.epoch < c.epochs:
-            batches = shard(self.task.batches(state.epoch), world.rank, world.size)
+            batches = self.task.batches(state.epoch)  # every process builds the same list
+            steps = len(batches) // world.size  # steps in this epoch; a tail of < world.size batches is left
             if state.batch == 0:
                 note = self.task.describe_epoch(batches)
-                self.say(f"epoch {state.epoch + 1}: {len(batches)} batches" + (f", {note}" if note else ""))
-            bar = _progress(len(batches), state.batch, f"epoch {state.epoch + 1}", self.progress and world.is_main)
+                self.say(f"epoch {state.epoch + 1}: {steps} steps" + (f", {note}" if note else ""))
+            bar = _progress(steps, state.batch // world.size, f"epoch {state.epoch + 1}", self.progress and world.is_main)
             self.ddp.train()
-            while state.batch < len(batches):
-                stats = self.step(batches[state.batch])
+            while state.batch + world.size <= len(batches):
+                if self._interrupted():
+                    self._stop_on_signal()
+                stats = self.step(batches[state.batch + world.rank])
                 state.elapsed = elapsed_before + time.perf_counter() - wall_start
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{learning_rate(c, state.step):.2e}", refresh=False)
                 reason = self.limit_reached()
-                epoch_done = state.batch == len(batches)
+                epoch_done = state.batch + world.size > len(batches)
                 if epoch_done:
                     state.epoch, state.batch = state.epoch + 1, 0
                 evaluate = reason or (c.eval_every and state.step % c.eval_every == 0) or (epoch_done and not c.eval_every)
                 if evaluate and self.evaluate_and_checkpoint() and reason is None:
                     reason = _stop_for_patience(c.patience)
+                elif not evaluate and c.save_every and state.step % c.save_every == 0:
+                    self.save_latest()
                 if reason or epoch_done:
                     break
             if bar is not None:
                 bar.close()
+        if self._interrupted() and reason is None:
+            self._stop_on_signal()
         reason = reason or _stop_for_epochs(c.epochs)
         self.say(f"stopped: {reason}")
 
@@ -500,6 +616,22 @@ def resume(
 ) -> dict[str, Any]:
     """Continue the run in ``out_dir`` exactly where it stopped; ``changes``: see ``Trainer.resume``."""
     return Trainer.resume(out_dir, changes, progress=progress, echo=echo).fit()
+
+
+def _lock_run(out_dir: Path) -> RunLock | None:
+    """Check that ``out_dir`` can be written (before any work) and take its lock, on the main process.
+
+    Under torchrun only rank 0 writes the run, so only it takes the lock.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test.", suffix=".tmp")
+        probe.close()
+    except OSError as e:
+        raise RunDirectoryError(f"cannot write to --out {out_dir}: {e.strerror or e}") from None
+    return RunLock(out_dir).acquire()
 
 
 def _better(task: Task, value: float, best: float | None) -> bool:
