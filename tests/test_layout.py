@@ -28,3 +28,11 @@ def test_import_contract_is_kept():
     result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "1 kept, 0 broken" in result.stdout
+
+
+def test_the_console_script_points_at_the_command_line():
+    import importlib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, function = config["project"]["scripts"]["attnlab"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
