@@ -29,6 +29,7 @@ from ..store.checkpoint import (
     read_checkpoint_json,
     resolve_checkpoint,
 )
+from ..store.fields import fits
 
 __all__ = ["KINDS", "LoadedModel", "load_checkpoint"]
 
@@ -93,12 +94,8 @@ def _model_config(config_class: Any, data: Any, source: Path) -> Any:
     if unknown:
         raise CheckpointError(f"{source}: model: unknown fields {unknown}")
     for name, value in data.items():
-        kind = hints[name]
-        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            fits = True
-        if not fits:
-            raise CheckpointError(f"{source}: model: field {name!r} must be {kind.__name__}, got {value!r}")
+        if not fits(hints[name], value):
+            raise CheckpointError(f"{source}: model: field {name!r} must be {hints[name].__name__}, got {value!r}")
     try:
         return config_class.from_dict(data)
     except (TypeError, ValueError) as e:

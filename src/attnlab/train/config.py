@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
+
+from ..store.fields import fits
 
 __all__ = [
     "TrainConfig",
@@ -39,18 +41,16 @@ def _require(condition: bool, name: str, rule: str, value: Any) -> None:
 
 
 def _check_types(settings: Any) -> None:
-    """Every field holds a value of its declared type (bool is not an int here, int is a float)."""
+    """Every field holds a value of its declared type (``store.fields.fits``: bool is not an int
+    here, an int is a float), and every float is finite."""
+    hints = get_type_hints(type(settings))
     for f in fields(settings):
-        value = getattr(settings, f.name)
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type)
-        if kind is None:
+        if f.name == "task":  # the section's class is checked by TrainConfig itself
             continue
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
+        value = getattr(settings, f.name)
+        if not fits(hints[f.name], value):
             raise ValueError(f"setting {f.name} must be {f.type}, got {value!r} ({type(value).__name__})")
-        if kind is float and not math.isfinite(value):
+        if hints[f.name] is float and not math.isfinite(value):
             raise ValueError(f"setting {f.name} must be a finite number, got {value!r}")
 
 

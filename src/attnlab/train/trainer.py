@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ from ..store.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
+from ..store.fields import fits
 from ..store.files import write_text_atomic
 from ..store.runlock import RunLock
 from .config import RESUMABLE_FIELDS, TrainConfig
@@ -163,23 +164,14 @@ class TrainerState:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise CheckpointError(f"{source}: unknown fields {unknown}")
+        hints = get_type_hints(cls)
         for name, value in data.items():
-            if not _fits(known[name].type, value):
+            if not fits(hints[name], value):
                 raise CheckpointError(f"{source}: field {name!r} must be {known[name].type}, got {value!r}")
         state = cls(**data)
         if min(state.step, state.epoch, state.batch, state.tokens, state.stale) < 0 or state.world_size < 1:
             raise CheckpointError(f"{source}: step, epoch, batch, tokens and stale must be >= 0, world_size >= 1")
         return state
-
-
-def _fits(annotation: str, value: Any) -> bool:
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation == "float | None":
-        return value is None or _fits("float", value)
-    return isinstance(value, dict)
 
 
 class _Window:
