@@ -187,3 +187,15 @@ def subprocess_env() -> dict[str, str]:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
+
+
+def cli(argv: list, capsys) -> tuple[int, str, str]:
+    """Run ``attnlab argv`` in this process: (exit code, stdout, stderr)."""
+    from attnlab.app.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -39,9 +39,9 @@ def make_runs(root: Path) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def running(runs: dict[str, Path], config: ServeConfig = ServeConfig(port=0)):
+def running(runs: dict[str, Path], config: ServeConfig = ServeConfig(port=0), int8: bool = False):
     """Serve both models (as "de-en" and "shakespeare") from a thread; yields the base URL."""
-    app = create_app(load_models([f"de-en={runs['translation']}", f"shakespeare={runs['lm']}"]), config)
+    app = create_app(load_models([f"de-en={runs['translation']}", f"shakespeare={runs['lm']}"], int8=int8), config)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,31 +26,34 @@ def test_batches_respect_budget_and_cover_every_index_once(seed, max_tokens):
     src, tgt = random_lengths(seed)
     batches = make_batches(src, tgt, max_tokens, seed=seed)
     for batch in batches:
-        assert batch
+        assert len(batch)
         assert len(batch) * max(src[i] for i in batch) <= max_tokens
         assert len(batch) * max(tgt[i] for i in batch) <= max_tokens
-    assert sorted(i for batch in batches for i in batch) == list(range(len(src)))
+    assert sorted(i for batch in batches for i in batch.tolist()) == list(range(len(src)))
 
 
 def test_equal_lengths_fill_batches_greedily():
     lengths = [10] * 7
     batches = make_batches(lengths, lengths, 35, shuffle=False)
-    assert batches == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [b.tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_unshuffled_batches_are_sorted_by_target_then_source():
     src = [5, 1, 4, 2, 3]
     tgt = [2, 2, 1, 3, 1]
     batches = make_batches(src, tgt, 100, shuffle=False)
-    assert batches == [[4, 2, 1, 0, 3]]
+    assert [b.tolist() for b in batches] == [[4, 2, 1, 0, 3]]
 
 
 def test_order_is_deterministic_per_seed_and_epoch():
     src, tgt = random_lengths(0)
-    first = make_batches(src, tgt, 300, seed=1, epoch=0)
-    assert make_batches(src, tgt, 300, seed=1, epoch=0) == first
-    assert make_batches(src, tgt, 300, seed=1, epoch=1) != first
-    assert make_batches(src, tgt, 300, seed=2, epoch=0) != first
+    def listed(**kwargs):
+        return [b.tolist() for b in make_batches(src, tgt, 300, **kwargs)]
+
+    first = listed(seed=1, epoch=0)
+    assert listed(seed=1, epoch=0) == first
+    assert listed(seed=1, epoch=1) != first
+    assert listed(seed=2, epoch=0) != first
 
 
 def test_global_random_state_is_untouched():
@@ -59,7 +63,11 @@ def test_global_random_state_is_untouched():
     expected = (random.random(), torch.rand(1).item())
     random.seed(123)
     torch.manual_seed(123)
+    np.random.seed(123)
+    expected_np = np.random.random()
+    np.random.seed(123)
     make_batches(src, tgt, 300, seed=5, epoch=2)
+    assert np.random.random() == expected_np
     assert (random.random(), torch.rand(1).item()) == expected
 
 
@@ -133,3 +141,34 @@ def test_pad_sequences_right_pads_to_the_longest():
     assert pad_sequences([(4, 4)], pad_id=9).tolist() == [[4, 4]]
     with pytest.raises(ValueError, match="empty"):
         pad_sequences([], pad_id=0)
+
+
+def _reference_batches(src: list[int], tgt: list[int], max_tokens: int) -> list[list[int]]:
+    """The greedy rule written out plainly over Python lists, unshuffled: the array code's check."""
+    order = sorted(range(len(src)), key=lambda i: (tgt[i], src[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            trial = batches[-1] + [i]
+            if len(trial) * max(src[j] for j in trial) <= max_tokens and len(trial) * max(tgt[j] for j in trial) <= max_tokens:
+                batches[-1] = trial
+                continue
+        batches.append([i])
+    return batches
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_array_batching_equals_the_plain_greedy_rule(seed, monkeypatch):
+    import attnlab.data.batching as batching
+
+    monkeypatch.setattr(batching, "_CHUNK", 7)  # cuts that fall across chunk boundaries
+    src, tgt = random_lengths(seed, n=300)
+    batches = make_batches(src, tgt, 240, shuffle=False)
+    assert [b.tolist() for b in batches] == _reference_batches(src, tgt, 240)
+    shuffled = make_batches(np.array(src), np.array(tgt), 240, seed=seed)
+    assert sorted(map(len, shuffled)) == sorted(map(len, batches))
+
+
+def test_no_examples_give_no_batches():
+    assert make_batches([], [], 100) == []
+    assert make_batches(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32), 100, shuffle=False) == []

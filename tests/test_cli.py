@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 from matplotlib.image import imread
 
 from attnlab.app.cli import main
-from attnlab.app.evaluate import evaluate_checkpoint
 from attnlab.decode.translate import DecodeConfig, Translator, load_translator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,15 +37,6 @@ SENTENCES = [
     "Kinder.",
 ]
 
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``attnlab argv`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:  # argparse's usage errors
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def echo_translations(monkeypatch) -> None:
@@ -162,25 +153,7 @@ def test_translate_in_a_real_process_from_stdin(run, translator):
     assert result.stdout == api_translations(translator, ["Ein Mann schläft.", "", "Zwei Kinder spielen."], beam=1)
 
 
-# -- evaluate and explain -------------------------------------------------------------------------
-def test_evaluate_prints_bleu_with_the_sacrebleu_signature(run, tmp_path, capsys):
-    output = tmp_path / "hyp.en"
-    code, out, err = cli(["evaluate", "--checkpoint", run, "--limit", "20", "--output", output, "--threads", "1"],
-                         capsys)
-    assert code == 0, err
-    cased, lower, timing = out.splitlines()
-    signature = r"nrefs:1\|case:{}\|eff:no\|tok:13a\|smooth:exp\|version:\d+\.\d+\.\d+"
-    assert re.fullmatch(r"BLEU \(cased\) += +\d+\.\d\d +" + signature.format("mixed"), cased), cased
-    assert re.fullmatch(r"BLEU \(lowercased\) = +\d+\.\d\d +" + signature.format("lc"), lower), lower
-    assert timing.startswith("20 sentences in ") and timing.endswith("beam 4")
-
-    with pytest.warns(UserWarning, match="were cut"):  # as the command warned, on stderr
-        expected = evaluate_checkpoint(run, "test_2016_flickr", DecodeConfig(), limit=20, progress=False)
-    assert cased.split() == f"BLEU (cased) = {expected['bleu']:.2f} {expected['signature']}".split()
-    assert lower.split() == f"BLEU (lowercased) = {expected['bleu_lc']:.2f} {expected['signature_lc']}".split()
-    assert output.read_text(encoding="utf-8") == "".join(h + "\n" for h in expected["hypotheses"])
-
-
+# -- explain (evaluate: tests/test_evaluate.py) ----------------------------------------------------
 def test_explain_simple_prints_the_tutorials_digits(capsys):
     code, out, err = cli(["explain", "--example", "simple"], capsys)
     assert code == 0, err
@@ -275,3 +248,45 @@ def test_a_short_demo_trains_translates_scores_and_writes_the_report(tmp_path, c
     assert f"report:   {report.resolve()}" in stdout
     assert report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert len(list((out / "explain").glob("*.png"))) == 3 * 2  # encoder, decoder, cross: 2 layers each
+
+
+# -- a user's own corpus: prepare, train --data, evaluate --src/--ref, translate ------------------------
+def test_own_corpus_from_plain_files_to_translations(tmp_path, capsys):
+    """French->German, a pair no preset knows: Multi30k sentences copied out as a user's own files."""
+    from attnlab.data.corpus import load_multi30k
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, name, n in (("train", "train", 400), ("val", "valid", 40), ("test_2016_flickr", "test", 8)):
+        pairs = load_multi30k(split, "fr", "de")[:n]
+        for side, lang in ((0, "fr"), (1, "de")):
+            (corpus / f"{name}.{lang}").write_text("".join(p[side] + "\n" for p in pairs), encoding="utf-8")
+    data = tmp_path / "prepared"
+    code, out, err = cli(["prepare", "--src-lang", "fr", "--tgt-lang", "de", "--train", corpus / "train",
+                          "--valid", corpus / "valid", "--test", f"flickr={corpus / 'test'}", "--out", data,
+                          "--vocab-size", "300", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"prepared {data} in " in out and "train: read 400, kept " in out
+
+    code, out, err = cli(["train", "--data", data, "--src-lang", "fr", "--out", tmp_path / "no"], capsys)
+    assert code == 2 and "--src-lang does not apply with --data" in err and not (tmp_path / "no").exists()
+
+    run = tmp_path / "run"
+    flags = [f for f in TRAIN_FLAGS if f not in ("--vocab-size", "300", "--train-fraction", "0.01")]
+    code, out, err = cli(["train", "--preset", "tiny", "--data", data, "--out", run, "--no-progress", *flags], capsys)
+    assert code == 0, err
+    assert f"{data.resolve()} fr->de: " in out and "stop_reason=reached max_steps=6" in out
+    assert json.loads((run / "config.json").read_text())["train"]["task"]["src_lang"] == "fr"
+
+    code, out, err = cli(["evaluate", "--checkpoint", run, "--src", corpus / "test.fr", "--ref", corpus / "test.de",
+                          "--output", tmp_path / "hyp.de", "--threads", "1"], capsys)
+    assert code == 0, err
+    translator = load_translator(run)
+    sources = (corpus / "test.fr").read_text(encoding="utf-8").splitlines()
+    expected = translator.translate(sources, DecodeConfig())
+    assert (tmp_path / "hyp.de").read_text(encoding="utf-8").splitlines() == expected
+    code, out, err = cli(["evaluate", "--checkpoint", run, "--split", "flickr", "--threads", "1"], capsys)
+    assert code == 0 and out.splitlines()[0] == f"test set: {data.resolve()}:flickr"
+
+    code, out, err = cli(["translate", "--checkpoint", run, sources[0], "--threads", "1"], capsys)
+    assert code == 0 and out == expected[0] + "\n"

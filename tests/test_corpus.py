@@ -113,7 +113,7 @@ def test_data_folder_follows_attnlab_data(tmp_path, monkeypatch):
     assert default_data_dir() == tmp_path
     assert load_multi30k("val", "de", "en") == [("Ein Hund läuft.", "A dog runs.")]
     monkeypatch.delenv("ATTNLAB_DATA")
-    assert default_data_dir() == Path(__file__).resolve().parents[1] / "data"
+    assert default_data_dir() == Path(__file__).resolve().parents[1] / "src" / "attnlab" / "data" / "bundled"
 
 
 def test_load_multi30k_missing_files_point_at_attnlab_data(tmp_path):

@@ -1,6 +1,7 @@
 """Decoding: beam search against hand-computed scores, beam 1 == greedy, cached == uncached, sampling."""
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -124,6 +125,66 @@ def test_max_len_forces_the_end():
     assert hyps[0].tokens == [A, A]
 
 
+class Counted:
+    """A step function that records how many rows it was asked for at each call."""
+
+    def __init__(self, step):
+        self.step, self.rows = step, []
+
+    def __call__(self, prefix, state):
+        self.rows.append(prefix.size(0))
+        return self.step(prefix, state)
+
+
+def test_beam_search_stops_once_no_live_beam_can_change_the_result():
+    # Beam 2, alpha 0, TABLE: after step 2, b+eos has finished with log(0.36); the live beams a,a
+    # (0.2) and a,b (0.15) can only fall from there, so nothing later can beat it: the search stops
+    # after two steps where waiting for a second finisher took three, with the same result. (The
+    # first step runs one row per sentence: all beams start from BOS alone.)
+    step = Counted(table_step(TABLE))
+    hyps = beam_search(step, Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.0, pad_id=PAD)
+    assert hyps == [Hypothesis([B], pytest.approx(math.log(0.36), abs=1e-6))]
+    assert step.rows == [1, 2]
+    # The two best are asked for: the second is not settled until a,a+eos (0.18) finishes at step 3.
+    step = Counted(table_step(TABLE))
+    hyps = beam_search(step, Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.0, pad_id=PAD, n_best=2)
+    assert [h.tokens for h in [hyps[0], *hyps[0].alternatives]] == [[B], [A, A]]
+    assert step.rows == [1, 2, 2]
+    # With alpha 0.6 the bound divides the best live log-probability by the largest penalty within
+    # the limit of 5 tokens: log(0.2) / (10/6)^0.6 = -1.18, below b's log(0.36) / (7/6)^0.6 = -0.93,
+    # so the result is settled after two steps here as well.
+    step = Counted(table_step(TABLE))
+    hyps = beam_search(step, Stateless(), 1, BOS, EOS, max_len=5, beam_size=2, alpha=0.6, pad_id=PAD)
+    assert hyps[0].tokens == [B] and step.rows == [1, 2]
+
+
+def test_beam_search_goes_on_while_a_live_beam_can_still_win():
+    # b+eos finishes first with 0.4 * 0.5 = 0.2; a (0.6) lives on and a,a+eos reaches 0.6 * 0.9 * 0.9
+    # = 0.486: the bound (log 0.54 at step 2) is above log 0.2, so the search must not stop early.
+    table = {(): [0, 0, 0.0, 0.6, 0.4], (A,): [0, 0, 0.1, 0.9, 0.0], (B,): [0, 0, 0.5, 0.5, 0.0],
+             (A, A): [0, 0, 0.9, 0.1, 0.0], (B, A): [0, 0, 0.1, 0.9, 0.0]}
+    hyps = beam_search(table_step(table), Stateless(), 1, BOS, EOS, max_len=6, beam_size=2, alpha=0.0, pad_id=PAD)
+    assert hyps == [Hypothesis([A, A], pytest.approx(math.log(0.6 * 0.9 * 0.9), abs=1e-6))]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_finished_sentences_leave_the_batch_and_each_sentence_decodes_as_alone(translator, beam):
+    config = DecodeConfig(beam_size=beam, extra_len=8)
+    step, state = translator.start_search(translator.model.encode(pad_sequences(SOURCES, PAD)))
+    counted = Counted(step)
+    search = dict(batch_size=len(SOURCES), bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                  max_len=translator.max_lengths(SOURCES, config))
+    if beam == 1:
+        together = greedy_search(counted, state, **search)
+    else:
+        together = [h.tokens for h in beam_search(counted, state, **search, beam_size=beam)]
+    assert together == translator.translate_ids(SOURCES, config)
+    assert together == [translator.translate_ids([source], config)[0] for source in SOURCES]
+    # One row per sentence at the first step, then one per beam, fewer as sentences finish.
+    assert counted.rows[:2] == [len(SOURCES), beam * len(SOURCES)] and counted.rows[-1] < counted.rows[1]
+    assert counted.rows[1:] == sorted(counted.rows[1:], reverse=True)
+
+
 def test_bad_beam_size():
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(table_step(TABLE), Stateless(), 1, BOS, EOS, max_len=3, beam_size=0, pad_id=PAD)
@@ -153,11 +214,12 @@ def test_cached_decoding_gives_the_same_tokens(translator, beam):
 def test_cached_step_logits_equal_uncached(translator):
     model = translator.model
     encoded = model.encode(torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, PAD, PAD]]))
-    cached_state, plain_state = model.start_decoding(encoded), encoded
+    cached_step, cached_state = translator.start_search(encoded)
+    plain_step, plain_state = translator.start_search(encoded, use_cache=False)
     prefix = torch.full((2, 1), BOS)
     for _ in range(6):
-        cached, cached_state = translator._cached_step(prefix, cached_state)
-        plain, plain_state = translator._uncached_step(prefix, plain_state)
+        cached, cached_state = cached_step(prefix, cached_state)
+        plain, plain_state = plain_step(prefix, plain_state)
         torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
         prefix = torch.cat([prefix, plain.argmax(-1, keepdim=True)], dim=1)
 
@@ -178,9 +240,9 @@ def test_a_source_too_long_for_the_model_is_cut_with_a_warning(translator):
 
 def test_beam_one_equals_greedy_on_a_model(translator):
     greedy = translator.translate_ids(SOURCES, DecodeConfig(beam_size=1, extra_len=8))
-    state = translator.model.start_decoding(translator.model.encode(pad_sequences(SOURCES, PAD)))
-    hyps = beam_search(translator._cached_step, state, len(SOURCES), BOS, EOS,
-                       torch.tensor([len(s) + 8 for s in SOURCES]), beam_size=1, pad_id=PAD)
+    step, state = translator.start_search(translator.model.encode(pad_sequences(SOURCES, PAD)))
+    hyps = beam_search(step, state, len(SOURCES), BOS, EOS, torch.tensor([len(s) + 8 for s in SOURCES]),
+                       beam_size=1, pad_id=PAD)
     assert [h.tokens for h in hyps] == greedy
 
 
@@ -225,3 +287,58 @@ def test_sampling_draws_from_the_softmax():
 def test_sampling_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample(lambda p, s: (torch.zeros(1, 5), s), Stateless(), torch.ones(1, 1, dtype=torch.long), 1, **kwargs)
+
+
+def test_batches_are_sized_by_decoder_rows_unless_given():
+    from attnlab.decode.translate import ROWS_PER_BATCH, DecodeConfig
+
+    assert DecodeConfig().sentences_per_batch == ROWS_PER_BATCH // 4 == 64  # beam 4
+    assert DecodeConfig(beam_size=1).sentences_per_batch == ROWS_PER_BATCH
+    assert DecodeConfig(beam_size=300).sentences_per_batch == 1
+    assert DecodeConfig(beam_size=1, batch_size=7).sentences_per_batch == 7
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        DecodeConfig(batch_size=-1)
+
+
+# -- the shrinking, early-stopping search == the search that stepped every row to the end -----------
+class _Rows(NamedTuple):
+    """A decoding state that only knows which sentence each row belongs to."""
+
+    sentence: torch.Tensor  # (N,)
+
+    def select(self, index: torch.Tensor) -> "_Rows":
+        return _Rows(self.sentence.index_select(0, index))
+
+
+def _table_step(seed: int, vocab: int = 8, eos_boost: float = 1.0):
+    """Log-probabilities drawn from a generator seeded by (seed, sentence, prefix): exact numbers that
+    depend on nothing but the row's own history, so any batch composition gives the same values."""
+
+    def step(prefix: torch.Tensor, state: _Rows):
+        rows = []
+        for sentence, tokens in zip(state.sentence.tolist(), prefix.tolist()):
+            g = torch.Generator().manual_seed(hash((seed, sentence, *tokens)) % 2**31)
+            logits = 2.0 * torch.randn(vocab, generator=g)
+            logits[2] += eos_boost  # EOS (id 2) often enough that beams finish at different steps
+            rows.append(logits)
+        return torch.stack(rows).log_softmax(dim=-1), state
+
+    return step
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_shrinking_search_equals_the_search_that_stepped_every_row(seed):
+    from reference_search import reference_beam_search, reference_greedy_search
+
+    B = 4
+    limits = torch.tensor([3, 9, 6, 12])
+    common = dict(batch_size=B, bos_id=1, eos_id=2, max_len=limits, pad_id=0)
+    step = _table_step(seed, eos_boost=0.5 + 0.25 * (seed % 4))
+    start = _Rows(torch.arange(B))
+    assert greedy_search(step, start, **common) == reference_greedy_search(step, start, **common)
+    beam = 2 + seed % 4
+    for alpha in (0.0, 0.6, 1.0):
+        for n_best in sorted({1, beam}):
+            got = beam_search(step, start, **common, beam_size=beam, alpha=alpha, n_best=n_best)
+            want = reference_beam_search(step, start, **common, beam_size=beam, alpha=alpha, n_best=n_best)
+            assert got == want, (alpha, n_best)

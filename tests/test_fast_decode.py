@@ -1,15 +1,17 @@
-"""The lean decoding step reproduces the decoder-only model's modules, cache included, and refuses a
-model that differs from what it computes."""
+"""The lean decoding steps reproduce the modules (the decoder-only model's and the encoder-decoder
+Transformer's), caches included, and refuse a model that differs from what they compute."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_norms_, tiny_language_model
+from helpers import randomize_norms_, tiny_language_model, tiny_transformer
 from torch import nn
 
+from attnlab.data.batching import pad_sequences
 from attnlab.decode.generate import generate
+from attnlab.decode.translate import DecodeConfig, Translator
 from attnlab.nn import fast_decode
-from attnlab.nn.model import DecoderOnlyTransformer
+from attnlab.nn.model import DecoderOnlyTransformer, Transformer
 
 
 def _model(norm_first: bool, **overrides) -> DecoderOnlyTransformer:
@@ -120,3 +122,154 @@ def test_pack_follows_the_config_for_tying_and_norms():
     model.output.weight = model.embed.embedding.weight  # tied, although the config says untied
     with pytest.raises(ValueError, match="separate from the embeddings"):
         fast_decode.pack(model)
+
+
+# -- the encoder-decoder Transformer's lean step ----------------------------------------------------------
+PAD, BOS, EOS = 0, 1, 2
+SOURCES = [[5, 6, 7, 8, EOS], [9, 10, EOS], [11, 12, 13, 14, 15, 16, EOS]]
+LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
+LAYOUT_IDS = ["post-LN", "post-LN-shared", "pre-LN", "pre-LN-shared"]
+
+
+def _transformer(norm_first: bool, share_embeddings: bool, seed: int = 0) -> Transformer:
+    """The shared tiny Transformer (vocabulary 40), biases and norms made non-trivial."""
+    model = tiny_transformer(seed, d_model=32, d_ff=64, norm_first=norm_first, share_embeddings=share_embeddings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        model.output.bias[EOS] -= 1.0  # translations of several tokens, most ending before their limit
+    return randomize_norms_(model, torch.Generator().manual_seed(1)).eval()
+
+
+class _Ids:  # a vocabulary stand-in: only the special ids matter here
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+
+@pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
+def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_first, share):
+    model = _transformer(norm_first, share)
+    packed = fast_decode.pack_decoder(model)
+    encoded = model.encode(pad_sequences(SOURCES, PAD))
+    lean, modules = fast_decode.start_decoding(packed, encoded), model.start_decoding(encoded)
+    tokens = torch.randint(3, 40, (9, 6), generator=torch.Generator().manual_seed(2))
+    # Beams of three per source, reordered within their sources, then rows leaving, then any order.
+    selections = [torch.arange(3).repeat_interleave(3), torch.tensor([2, 0, 0, 3, 5, 4, 8, 8, 6]),
+                  None, torch.tensor([0, 1, 2, 6, 7, 8]), torch.tensor([5, 0, 3, 3])]
+    rows, groups = torch.arange(3), []
+    for i, index in enumerate(selections):
+        if index is not None:
+            lean, modules, rows = lean.select(index), modules.select(index), rows[index]
+        groups.append((lean.rows_per_source, len(lean.src_mask)))
+        logits, lean = fast_decode.decoder_step(packed, tokens[rows, i : i + 1], lean)
+        expected, modules, _, _ = model.decode_step(tokens[rows, i : i + 1], modules)
+        torch.testing.assert_close(logits, expected[:, 0], atol=1e-5, rtol=0)
+    assert lean.length == modules.length == len(selections)
+    # The sources' keys/values stay one per source while the rows keep in groups of three (beams),
+    # follow the sentences that remain, and go one per row once the groups are split.
+    assert groups == [(3, 3), (3, 3), (3, 3), (3, 2), (1, 4)]
+
+
+@pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("beam", [1, 3])
+def test_lean_translation_equals_the_module_reference(norm_first, share, beam):
+    translator = Translator(_transformer(norm_first, share), _Ids(), _Ids())
+    lean = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, extra_len=10))
+    modules = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, extra_len=10, use_cache=False))
+    assert lean == modules
+    assert any(len(ids) > 2 for ids in lean)  # real multi-step decodes were compared
+
+
+def test_two_searches_from_one_state_do_not_disturb_each_other():
+    model = _transformer(False, False)
+    packed = fast_decode.pack_decoder(model)
+    start = fast_decode.start_decoding(packed, model.encode(pad_sequences(SOURCES, PAD))).select(
+        torch.arange(3).repeat_interleave(2))  # two rows per source
+    generator = torch.Generator().manual_seed(4)
+    ours, theirs = (torch.randint(3, 40, (6, 5), generator=generator) for _ in range(2))
+
+    def alone(tokens):
+        state, out = start, []
+        for i in range(5):
+            logits, state = fast_decode.decoder_step(packed, tokens[:, i : i + 1], state)
+            out.append(logits)
+            state = state.select(torch.tensor([1, 0, 2, 3, 5, 4]))  # reorder, as beam search does
+        return out
+
+    expected_ours, expected_theirs = alone(ours), alone(theirs)
+    a = b = start  # interleaved: each step of one search between two of the other, from one state
+    for i in range(5):
+        logits_a, a = fast_decode.decoder_step(packed, ours[:, i : i + 1], a)
+        logits_b, b = fast_decode.decoder_step(packed, theirs[:, i : i + 1], b)
+        a, b = a.select(torch.tensor([1, 0, 2, 3, 5, 4])), b.select(torch.tensor([1, 0, 2, 3, 5, 4]))
+        assert torch.equal(logits_a, expected_ours[i]) and torch.equal(logits_b, expected_theirs[i])
+    # The first state is still the empty one: a third search from it starts afresh.
+    logits, _ = fast_decode.decoder_step(packed, ours[:, :1], start)
+    assert torch.equal(logits, expected_ours[0])
+
+
+def test_decoder_step_refuses_what_it_cannot_do():
+    model = _transformer(True, False)
+    packed = fast_decode.pack_decoder(model)
+    state = fast_decode.start_decoding(packed, model.encode(pad_sequences(SOURCES, PAD)))
+    with pytest.raises(ValueError, match="one token for each of the state's 3 rows"):
+        fast_decode.decoder_step(packed, torch.ones(3, 2, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="one token for each of the state's 3 rows"):
+        fast_decode.decoder_step(packed, torch.ones(2, 1, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="eval"):
+        fast_decode.pack_decoder(model.train())
+
+
+def _decoder_gelu(model):
+    model.decoder_layers[1].feed_forward.activation = F.gelu
+
+
+def _decoder_eps(model):
+    model.decoder_layers[0].norm3.eps = 1e-6
+
+
+def _decoder_norm_placement(model):
+    model.decoder_layers[1].norm_first = not model.decoder_layers[1].norm_first
+
+
+def _decoder_dropout(model):
+    model.decoder_layers[0].dropout2.train()
+
+
+def _cross_attention_without_bias(model):
+    model.decoder_layers[0].cross_attn.in_proj_bias = None
+
+
+def _decoder_extra_module(model):
+    model.decoder_layers[0].gate = nn.Linear(32, 32).eval()
+
+
+def _output_without_bias(model):
+    model.output.bias = None
+
+
+def _embeddings_shared_against_the_config(model):
+    model.tgt_embed = model.src_embed
+
+
+def _output_tied_against_the_config(model):
+    model.output.weight = model.tgt_embed.embedding.weight
+
+
+def _cross_heads(model):
+    model.decoder_layers[1].cross_attn.num_heads = 8
+
+
+@pytest.mark.parametrize("change, message", [
+    (_decoder_gelu, "ReLU"), (_decoder_eps, "eps 1e-05"), (_decoder_norm_placement, "norm_first=False"),
+    (_decoder_dropout, "eval"), (_cross_attention_without_bias, "cross-attention's projections have biases"),
+    (_decoder_extra_module, r"exactly the modules .*'gate'"), (_output_without_bias, "output layer with a bias"),
+    (_embeddings_shared_against_the_config, "separate from the source's"),
+    (_output_tied_against_the_config, "separate from the target embeddings"), (_cross_heads, "num_heads=4"),
+])
+def test_pack_decoder_refuses_a_model_that_differs_from_what_the_step_computes(change, message):
+    model = _transformer(False, False)
+    fast_decode.pack_decoder(model)  # the model as it is: accepted
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        fast_decode.pack_decoder(model)

@@ -469,3 +469,15 @@ def test_the_load_and_fuzz_benchmark_runs_clean(tmp_path):
     assert fuzzed and fuzzed.group(1) == fuzzed.group(2) and int(fuzzed.group(1)) > 0, result.stdout
     assert "/health at the end: 200 ok" in result.stdout
     assert result.stdout.count("SIGTERM: the server exited with status 0") == 2
+
+
+def test_int8_serving_answers_what_the_int8_translator_answers(runs):
+    """--int8: translation decodes on int8 weights, quantized once at start; the language model stays float32."""
+    int8 = load_translator(runs["translation"], int8=True)
+    sentences = SENTENCES[:4]
+    with running(runs, ServeConfig(port=0), int8=True) as url, httpx.Client(base_url=url, timeout=60) as c:
+        models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+        assert models["de-en"]["int8"] is True and "int8" not in models["shakespeare"]
+        reply = c.post(TRANSLATE, json={"text": sentences, "beam": 1})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["translations"] == int8.translate(sentences, DecodeConfig(beam_size=1))

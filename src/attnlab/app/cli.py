@@ -3,6 +3,9 @@
     attnlab train --preset multi30k-de-en --out runs/de-en
     attnlab translate --checkpoint runs/de-en "Ein Hund rennt durch den Park."
     attnlab evaluate --checkpoint runs/de-en --split test_2016_flickr
+    attnlab prepare --src-lang fr --tgt-lang de --train corpus/train --valid corpus/valid --out prepared/fr-de
+    attnlab train --data prepared/fr-de --out runs/fr-de
+    attnlab evaluate --checkpoint runs/fr-de --src test.fr --ref test.de
     attnlab explain --example tutorial --scale 1
     attnlab explain --checkpoint runs/de-en "Ein Mann fährt Fahrrad."
     attnlab plot positional-encoding --d-model 32 --positions 60
@@ -79,8 +82,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                            metavar=kind.__name__.upper(), help=f"(default {default!r})")
 
 
+# Settings a prepared dataset decides (`--data`): giving them as well is a mistake worth naming.
+DATA_FIXES = ("src_lang", "tgt_lang", "vocab_size", "shared_vocab", "data_dir")
+
+
 @command("train")
 def _train(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..train.presets import get_preset
     from ..train.trainer import resume, train
 
@@ -91,6 +99,11 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--preset does not apply to --resume: the run continues with its own settings")
         summary = resume(args.out, progress=progress, **changes)
     else:
+        if changes.get("data"):
+            fixed = [f"--{name.replace('_', '-')}" for name in DATA_FIXES if name in changes]
+            if fixed:
+                raise ConfigError(f"{', '.join(fixed)} does not apply with --data: the prepared data in "
+                                  f"{changes['data']} brings its own languages and vocabulary")
         config = get_preset(args.preset or "multi30k-de-en").override(**changes)
         summary = train(config, args.out, progress=progress)
     if summary:
@@ -102,10 +115,17 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
     p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
     p.add_argument("--alpha", type=float, default=0.6, help="length penalty (default 0.6)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="sentences decoded together (default 0: 256 // beam, i.e. 64 at beam 4, 256 greedy)")
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (slow; for comparison)")
     p.add_argument("--device", default="cpu")
+    _add_int8_flag(p)
     _add_threads_flag(p)
+
+
+def _add_int8_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8", action="store_true",
+                   help="decode on int8 weights (dynamic quantization; CPU; faster, BLEU within noise)")
 
 
 def _add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -179,19 +199,39 @@ def _translate(args: argparse.Namespace) -> int:
     else:
         lines = _read_stdin_lines()
     _set_threads(args)
-    translator = load_translator(args.checkpoint, args.device)
+    translator = load_translator(args.checkpoint, args.device, int8=args.int8)
     for line in translator.translate(lines, _decode_config(args)):
         print(line)
     return 0
 
 
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from . import prepare
+
+    prepare.add_parser(sub)
+
+
+@command("prepare")
+def _prepare(args: argparse.Namespace) -> int:
+    from . import prepare
+
+    return prepare.run(args)
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="sacreBLEU of a checkpoint on a Multi30k split")
+    p = sub.add_parser("evaluate", help="sacreBLEU and chrF++ of a checkpoint on a test set (files or a named split)",
+                       description="Translate a test set and score it with sacreBLEU (cased and -lc) and chrF2++. "
+                       "The test set is two files (--src, --ref) or a split by name: one that `attnlab prepare` "
+                       "registered in the run's prepared data (or --data), or a bundled Multi30k split.")
     _add_decode_flags(p)
-    p.add_argument("--split", default="test_2016_flickr", choices=["train", "val", "test_2016_flickr"])
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default=None,
+                   help="a test set by name (default test_2016_flickr); see the description")
+    p.add_argument("--src", help="source sentences, one per line (plain or .gz)")
+    p.add_argument("--ref", help="reference translations, aligned with --src")
+    p.add_argument("--data", default=None, help="a prepared-data folder whose test sets --split names")
+    p.add_argument("--data-dir", default=None, help="the folder holding multi30k/ (default: the bundled corpora)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N sentences")
-    p.add_argument("--output", help="also write the translations to this file")
+    p.add_argument("--output", help="also write the translations to this file, in input order")
 
 
 @command("evaluate")
@@ -199,12 +239,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
     _set_threads(args)
-    result = evaluate_checkpoint(args.checkpoint, args.split, _decode_config(args), device=args.device,
-                                 data_dir=args.data_dir, limit=args.limit, output=args.output)
+    result = evaluate_checkpoint(args.checkpoint, args.split, _decode_config(args), src=args.src, ref=args.ref,
+                                 data=args.data, device=args.device, data_dir=args.data_dir, limit=args.limit,
+                                 output=args.output, int8=args.int8)
+    print(f"test set: {result['test_set']}")
     print(f"BLEU (cased)      = {result['bleu']:.2f}   {result['signature']}")
     print(f"BLEU (lowercased) = {result['bleu_lc']:.2f}   {result['signature_lc']}")
+    print(f"chrF2++           = {result['chrf']:.2f}   {result['signature_chrf']}")
     print(f"{result['sentences']} sentences in {result['seconds']:.1f} s "
-          f"({result['sentences_per_s']:.1f} sentences/s), beam {args.beam}")
+          f"({result['sentences_per_s']:.1f} sentences/s), beam {args.beam}" + (", int8" if args.int8 else ""))
     return 0
 
 
@@ -317,6 +360,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batching", action="store_true", help="decode each request alone (for comparison)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--device", default="cpu")
+    _add_int8_flag(p)
     _add_threads_flag(p)
     limits = p.add_argument_group("batching and limits")
     for name, kind, default in serve_config_fields():
@@ -333,7 +377,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ATTNLAB_API_KEY"),
                          no_auth=args.no_auth, batching=not args.no_batching, access_log=args.access_log, **settings)
     _set_threads(args)
-    return serve(args.checkpoint, config, device=args.device)
+    return serve(args.checkpoint, config, device=args.device, int8=args.int8)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -358,6 +402,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a translation model for another inference engine (CTranslate2)",
+                       description="Write a translation checkpoint as a CTranslate2 model directory, with its "
+                       "vocabularies and tokenizers (needs pip install 'attnlab[ctranslate2]').")
+    p.add_argument("--format", required=True, choices=["ctranslate2"], help="the engine to export for")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--quantization", default=None,
+                   help="store weights as int8, int16, float16, ... (default: float32; CTranslate2 can also "
+                   "quantize when loading, compute_type='int8')")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from ..decode.export import export_ctranslate2
+
+    out = export_ctranslate2(args.checkpoint, args.out, quantization=args.quantization, force=args.force)
+    print(f"wrote the CTranslate2 model, its vocabularies and tokenizers to {out}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Reports a usage mistake in one line on stderr (exit code 2), like every other error;
     the full usage of ``attnlab train`` runs to some twenty lines and buries the message."""
@@ -373,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the full traceback rather than one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_translate, _add_evaluate, _add_generate, _add_explain, _add_plot, _add_serve,
-                _add_demo):
+    for add in (_add_prepare, _add_train, _add_translate, _add_evaluate, _add_generate, _add_explain, _add_plot, _add_serve,
+                _add_demo, _add_export):
         add(sub)
     return parser
 

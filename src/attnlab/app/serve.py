@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,16 @@ class ServedModel:
     name: str
     loaded: LoadedModel
     training: dict[str, Any] | None = None  # the run's summary.json, when there is one
+    int8: bool = False  # translation decodes on int8 weights (--int8)
 
     @property
     def kind(self) -> str:
         return self.loaded.kind
 
-    @property
+    @cached_property
     def translator(self) -> Translator:
-        """A view of the model for translating (a light object: the model is not copied)."""
-        return Translator(self.loaded.model, self.loaded.src_vocab, self.loaded.tgt_vocab)
+        """The model's translator, made once (an int8 one quantizes its weights once, here)."""
+        return Translator(self.loaded.model, self.loaded.src_vocab, self.loaded.tgt_vocab, int8=self.int8)
 
     @property
     def max_len(self) -> int:
@@ -110,6 +112,7 @@ class ServedModel:
             "training": self.training,
         }
         if self.kind == "translation":
+            info["int8"] = self.int8
             with contextlib.suppress(ValueError):  # older checkpoints may not name their languages
                 info["languages"] = dict(zip(("source", "target"), loaded.languages))
         return info
@@ -137,8 +140,11 @@ def _training_summary(path: Path, directory: Path) -> dict[str, Any] | None:
     return None
 
 
-def load_models(specs: Sequence[str], device: str = "cpu") -> list[ServedModel]:
-    """Load each ``[NAME=]PATH`` (a run or checkpoint directory); the name defaults to the folder's."""
+def load_models(specs: Sequence[str], device: str = "cpu", int8: bool = False) -> list[ServedModel]:
+    """Load each ``[NAME=]PATH`` (a run or checkpoint directory); the name defaults to the folder's.
+
+    ``int8``: translation models decode on int8 weights (CPU only); language models stay float32.
+    """
     if not specs:
         raise ValueError("give at least one --checkpoint RUN to serve")
     served: list[ServedModel] = []
@@ -152,7 +158,11 @@ def load_models(specs: Sequence[str], device: str = "cpu") -> list[ServedModel]:
         if any(s.name == name for s in served):
             raise ValueError(f"two models are named {name!r}: name them with --checkpoint NAME=PATH")
         loaded = load_checkpoint(path_obj, device=device)
-        served.append(ServedModel(name, loaded, _training_summary(path_obj, loaded.directory)))
+        model = ServedModel(name, loaded, _training_summary(path_obj, loaded.directory),
+                            int8=int8 and loaded.kind == "translation")
+        if model.int8:
+            model.translator  # quantize now: a refused device or a slow first request is no surprise later
+        served.append(model)
     return served
 
 
@@ -778,10 +788,10 @@ def run_server(models: Sequence[ServedModel], config: ServeConfig, announce: Cal
     return 0
 
 
-def serve(specs: Sequence[str], config: ServeConfig, device: str = "cpu") -> int:
+def serve(specs: Sequence[str], config: ServeConfig, device: str = "cpu", int8: bool = False) -> int:
     """``attnlab serve``: check the address rule, load the models (``[NAME=]PATH`` each), serve them."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(f"attnlab serve needs {' and '.join(missing)}: pip install 'attnlab[serve]'")
     check_bind(config)  # before the models load: a refused address should not cost a minute
-    return run_server(load_models(specs, device), config)
+    return run_server(load_models(specs, device, int8), config)

@@ -6,84 +6,95 @@ length, so that a batch holds sentences of nearly equal length and padding stays
 cuts the sorted run into batches whose padded size ``len(batch) * longest`` stays within
 ``max_tokens`` on both sides. Shuffling reorders equal-length examples and the batches
 themselves, deterministically from (seed, epoch), without touching any global random state.
+Everything is computed from the lengths arrays alone, so a memory-mapped corpus stays on disk.
 
 Shape legend: B batch, S source length, T target length.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["make_batches", "collate", "padding_fraction", "shard", "pad_sequences"]
 
+Lengths = Sequence[int] | np.ndarray
 
-def _rng(seed: int, epoch: int) -> random.Random:
+_CHUNK = 1 << 16  # sorted lengths walked this many at a time, so no 2M-item Python list is built
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
     """A private generator for one (seed, epoch): the same pair always gives the same batches."""
-    return random.Random(seed * 1_000_003 + epoch)
+    return np.random.default_rng([seed, epoch])
 
 
 def make_batches(
-    src_lengths: Sequence[int],
-    tgt_lengths: Sequence[int],
+    src_lengths: Lengths,
+    tgt_lengths: Lengths,
     max_tokens: int,
     *,
     shuffle: bool = True,
     seed: int = 0,
     epoch: int = 0,
-) -> list[list[int]]:
+) -> list[np.ndarray]:
     """Group example indices into batches of similar length within a padded-token budget.
 
     Every batch satisfies ``len(batch) * max(src_lengths[i] for i in batch) <= max_tokens``, and
     the same for targets; lengths are taken as given (include ``<bos>``/``<eos>`` if the model
-    sees them). Each index appears in exactly one batch. Examples are sorted by (target, source)
-    length; with ``shuffle`` the order among equal lengths and the order of the batches are
-    random but fixed by (seed, epoch), and without it both are sorted.
+    sees them). Each index appears in exactly one batch; a batch is an int64 array of indices.
+    Examples are sorted by (target, source) length; with ``shuffle`` the order among equal lengths
+    and the order of the batches are random but fixed by (seed, epoch), and without it both are
+    sorted. The work is done on NumPy arrays: two million examples take about a second and a few
+    tens of megabytes, so the lengths of a memory-mapped corpus can be batched without loading it.
     Raises ValueError if an example alone exceeds ``max_tokens``.
     """
-    if len(src_lengths) != len(tgt_lengths):
-        raise ValueError(
-            f"src_lengths has {len(src_lengths)} entries but tgt_lengths has {len(tgt_lengths)}"
-        )
+    src = np.asarray(src_lengths, dtype=np.int32)  # int32 halves the temporaries of a large corpus
+    tgt = np.asarray(tgt_lengths, dtype=np.int32)
+    if src.shape != tgt.shape or src.ndim != 1:
+        raise ValueError(f"src_lengths has {len(src)} entries but tgt_lengths has {len(tgt)}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    for side, lengths in (("source", src_lengths), ("target", tgt_lengths)):
-        for i, n in enumerate(lengths):
-            if n < 0:
-                raise ValueError(f"example {i} has negative {side} length {n}")
-            if n > max_tokens:
-                raise ValueError(
-                    f"example {i} has {side} length {n}, longer than max_tokens={max_tokens}"
-                )
+    for side, lengths in (("source", src), ("target", tgt)):
+        negative = np.flatnonzero(lengths < 0)
+        if negative.size:
+            i = int(negative[0])
+            raise ValueError(f"example {i} has negative {side} length {int(lengths[i])}")
+        too_long = np.flatnonzero(lengths > max_tokens)
+        if too_long.size:
+            i = int(too_long[0])
+            raise ValueError(f"example {i} has {side} length {int(lengths[i])}, longer than max_tokens={max_tokens}")
 
+    if len(src) == 0:
+        return []
     rng = _rng(seed, epoch)
-    order = list(range(len(src_lengths)))
+    order = (rng.permutation(len(src)) if shuffle else np.arange(len(src))).astype(np.int64)
+    order = order[np.lexsort((src[order], tgt[order]))]  # stable: keeps the shuffled order among equals
+    batches = np.split(order, _greedy_cuts(src[order], tgt[order], max_tokens))
     if shuffle:
-        rng.shuffle(order)  # the stable sort below keeps this order among equal lengths
-    order.sort(key=lambda i: (tgt_lengths[i], src_lengths[i]))
-
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    longest_src = longest_tgt = 0
-    for i in order:
-        new_src = max(longest_src, src_lengths[i])
-        new_tgt = max(longest_tgt, tgt_lengths[i])
-        size = len(batch) + 1
-        if batch and (size * new_src > max_tokens or size * new_tgt > max_tokens):
-            batches.append(batch)
-            batch = []
-            new_src, new_tgt = src_lengths[i], tgt_lengths[i]
-        batch.append(i)
-        longest_src, longest_tgt = new_src, new_tgt
-    if batch:
-        batches.append(batch)
-
-    if shuffle:
-        rng.shuffle(batches)
+        batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def _greedy_cuts(src: np.ndarray, tgt: np.ndarray, max_tokens: int) -> list[int]:
+    """Where to cut examples sorted by target length so each batch fits ``max_tokens`` on both sides.
+
+    Targets are sorted, so a batch's longest target is its last; the longest source is tracked.
+    """
+    cuts: list[int] = []
+    start = longest_src = 0
+    for chunk in range(0, len(src), _CHUNK):
+        for offset, (s, t) in enumerate(zip(src[chunk : chunk + _CHUNK].tolist(), tgt[chunk : chunk + _CHUNK].tolist())):
+            i = chunk + offset
+            size = i - start + 1
+            longest = max(longest_src, s)
+            if i > start and (size * longest > max_tokens or size * t > max_tokens):
+                cuts.append(i)
+                start, longest = i, s
+            longest_src = longest
+    return cuts
 
 
 def collate(
@@ -102,23 +113,21 @@ def collate(
     return src, tgt
 
 
-def padding_fraction(
-    batches: Sequence[Sequence[int]], src_lengths: Sequence[int], tgt_lengths: Sequence[int]
-) -> float:
+def padding_fraction(batches: Sequence[Sequence[int] | np.ndarray], src_lengths: Lengths, tgt_lengths: Lengths) -> float:
     """Fraction of padded positions among all positions of the padded batches, both sides."""
     padded = total = 0
-    for batch in batches:
-        if not batch:
-            continue
-        for lengths in (src_lengths, tgt_lengths):
-            sizes = [lengths[i] for i in batch]
-            slots = len(batch) * max(sizes)
+    for lengths in (np.asarray(src_lengths, dtype=np.int64), np.asarray(tgt_lengths, dtype=np.int64)):
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            sizes = lengths[np.asarray(batch, dtype=np.int64)]
+            slots = len(batch) * int(sizes.max())
             total += slots
-            padded += slots - sum(sizes)
+            padded += slots - int(sizes.sum())
     return padded / total if total else 0.0
 
 
-def shard(batches: Sequence[list[int]], rank: int, world_size: int) -> list[list[int]]:
+def shard(batches: Sequence[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
     """The batches of one data-parallel rank: every ``world_size``-th, starting at ``rank``.
 
     The last ``len(batches) % world_size`` batches are dropped so that every rank runs the

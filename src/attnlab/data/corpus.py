@@ -5,8 +5,10 @@ any stray spaces, which Multi30k has a few of and which carry no meaning). Lines
 ``\\n`` only, never on the other Unicode line separators, so that a U+2028 inside a sentence
 cannot shift the alignment of two files.
 
-The Multi30k files live in ``<data>/multi30k/{split}.{lang}.gz``. The data folder is the
-repository's ``data/`` unless the environment variable ``ATTNLAB_DATA`` names another one.
+The Multi30k files live in ``<data>/multi30k/{split}.{lang}.gz``. The data folder is the corpora
+shipped inside the package (``attnlab/data/bundled``, package data, so an installed wheel has them
+too; the checkout's ``data/`` points there) unless the environment variable ``ATTNLAB_DATA`` names
+another one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from ..errors import DataError
 
 __all__ = [
+    "BUNDLED_DATA_DIR",
     "CorpusError",
     "DATA_DIR",
     "MULTI30K_LANGS",
@@ -30,10 +33,10 @@ __all__ = [
     "read_parallel",
 ]
 
-_REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "bundled"
 
-DATA_DIR: Path = Path(os.environ.get("ATTNLAB_DATA") or _REPO_DATA_DIR)
-"""The data folder as seen at import time: ``$ATTNLAB_DATA`` if set, else the repo's ``data/``."""
+DATA_DIR: Path = Path(os.environ.get("ATTNLAB_DATA") or BUNDLED_DATA_DIR)
+"""The data folder as seen at import time: ``$ATTNLAB_DATA`` if set, else the bundled corpora."""
 
 MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 MULTI30K_LANGS = ("de", "en", "fr")
@@ -44,8 +47,8 @@ class CorpusError(DataError):
 
 
 def default_data_dir() -> Path:
-    """Data folder: ``$ATTNLAB_DATA`` if set (read at each call), else the repo's ``data/``."""
-    return Path(os.environ.get("ATTNLAB_DATA") or _REPO_DATA_DIR)
+    """Data folder: ``$ATTNLAB_DATA`` if set (read at each call), else the bundled corpora."""
+    return Path(os.environ.get("ATTNLAB_DATA") or BUNDLED_DATA_DIR)
 
 
 def read_lines(path: str | os.PathLike[str]) -> list[str]:

@@ -396,3 +396,118 @@ def vocab_from_json(s: str) -> BaseVocab:
 def load_vocab(path: str | os.PathLike[str]) -> BaseVocab:
     """Read whichever vocabulary the file at ``path`` holds."""
     return BaseVocab.load(path)
+
+
+class SentencePieceVocab(BaseVocab):
+    """Subword vocabulary learned by SentencePiece (unigram language model, or BPE).
+
+    The model keeps attnlab's four specials at ids 0-3 as control symbols, so text such as
+    "<eos>" is encoded as ordinary pieces; byte fallback means no character is ever unknown, and
+    NFKC normalisation with whitespace collapsed matches ``Vocab``. SentencePiece is an optional
+    dependency (``pip install sentencepiece``), imported only when such a vocabulary is used.
+    The JSON form holds the serialised model proto in base64.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes) -> None:
+        spm = _import_sentencepiece()
+        self.model_proto = bytes(model_proto)
+        self.processor = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        self._check_specials()
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, *, model_type: str = "unigram", seed: int = 0,
+        threads: int = 2,
+    ) -> SentencePieceVocab:
+        """Learn a SentencePiece model of ``vocab_size`` ids (specials and byte pieces included).
+
+        Every text of ``texts`` is used (sample beforehand for a large corpus); ``seed`` fixes
+        SentencePiece's own random choices so that the same texts give the same model.
+        """
+        spm = _import_sentencepiece()
+        import io
+
+        reserved = len(SPECIAL_TOKENS) + len(_BYTE_TOKENS)
+        if vocab_size <= reserved:
+            raise ValueError(
+                f"vocab_size must exceed {reserved} (4 special tokens + 256 byte pieces), got {vocab_size}"
+            )
+        if model_type not in ("unigram", "bpe"):
+            raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+        spm.set_random_generator_seed(seed)
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, character_coverage=0.9995,
+            normalization_rule_name="nfkc", remove_extra_whitespaces=True,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+            hard_vocab_limit=False, num_threads=threads, max_sentence_length=1 << 16,
+            input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+        )
+        return cls(model.getvalue())
+
+    def __len__(self) -> int:
+        return self.processor.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.processor.piece_to_id(token)
+        if i == self.processor.unk_id() and token != UNK:
+            return None
+        return i
+
+    def _id_to_token(self, i: int) -> str:
+        return self.processor.id_to_piece(i)
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of every text, on SentencePiece's own threads (every core)."""
+        return self.processor.encode(list(texts), out_type=int)
+
+    def tokens(self, text: str) -> list[str]:
+        return self.processor.encode(text, out_type=str)
+
+    def _decode_content(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+    def _to_dict(self) -> dict[str, Any]:
+        import base64
+
+        return {"model": base64.b64encode(self.model_proto).decode("ascii")}
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> SentencePieceVocab:
+        import base64
+        import binascii
+
+        if not isinstance(data.get("model"), str):
+            raise ValueError("sentencepiece vocabulary JSON lacks its 'model' field")
+        try:
+            proto = base64.b64decode(data["model"], validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"sentencepiece vocabulary JSON holds invalid base64: {e}") from None
+        try:
+            return cls(proto)
+        except RuntimeError as e:  # SentencePiece's error for a broken model proto
+            raise ValueError(f"sentencepiece vocabulary JSON holds an invalid model: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"SentencePieceVocab(size={len(self)})"
+
+
+def _import_sentencepiece():
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ImportError(
+            "the sentencepiece tokenizer needs the sentencepiece package: pip install sentencepiece"
+        ) from None
+    return sentencepiece
+
+
+_KINDS[SentencePieceVocab.kind] = SentencePieceVocab
+__all__ += ["SentencePieceVocab"]

@@ -1,8 +1,8 @@
 """The beam's n best translations of a batch of sources, with their scores.
 
 ``Translator.translate_ids`` returns the tokens of the best hypothesis only. ``translate_n_best``
-runs the very same search (the translator's cached step, the same length limit: source length +
-``extra_len``, within the model's positions) and keeps the ``n_best`` best finished hypotheses of
+runs the very same search (the translator's ``start_search``, the same length limit:
+``Translator.max_lengths``) and keeps the ``n_best`` best finished hypotheses of
 each sentence with their scores (log-probability / GNMT length penalty), best first. Its best
 hypothesis is the translation ``translate_ids`` gives; a test holds the two equal.
 
@@ -36,14 +36,12 @@ def translate_n_best(
     model.eval()
     try:
         src = pad_sequences(sources, model.config.pad_id).to(translator.device)  # (B, S)
-        encoded = model.encode(src)
-        lengths = torch.tensor([len(s) for s in sources], device=translator.device)  # (B,)
-        max_len = torch.clamp(lengths + config.extra_len, max=model.config.max_len - 1)  # (B,)
+        step, state = translator.start_search(model.encode(src), config.use_cache)
         vocab = translator.tgt_vocab
         best = beam_search(
-            translator._cached_step, model.start_decoding(encoded), len(sources), vocab.bos_id,
-            vocab.eos_id, max_len, pad_id=vocab.pad_id, beam_size=config.beam_size, alpha=config.alpha,
-            device=translator.device, n_best=n_best,
+            step, state, len(sources), vocab.bos_id, vocab.eos_id, translator.max_lengths(sources, config),
+            pad_id=vocab.pad_id, beam_size=config.beam_size, alpha=config.alpha, device=translator.device,
+            n_best=n_best,
         )
     finally:
         model.train(was_training)

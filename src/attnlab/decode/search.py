@@ -7,6 +7,11 @@ the new state. The state may be anything with ``select(index)`` that keeps/reord
 re-reads the whole prefix. Nothing here knows which: that is how cached and uncached decoding are
 compared. Decoding never needs gradients: these functions run under ``torch.no_grad()``.
 
+Greedy and beam search shrink their batch: a finished row (greedy) or sentence (beam) leaves the
+prefix and the state (``select``), so each step computes only rows still being decoded. The rules
+never depend on the other rows of the batch (tests/test_decoding.py holds a batch equal to each
+sentence decoded alone; only floating-point rounding of different batch shapes could split a tie).
+
 Greedy and beam search never emit BOS or PAD (``pad_id`` is required): those tokens are given
 log-probability −inf before each choice, so that beam size 1 and greedy search pick alike.
 
@@ -15,6 +20,7 @@ Shape legend: B sentences, K beams, N rows (B or B·K), t tokens so far, V vocab
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -58,29 +64,33 @@ def greedy_search(
 ) -> list[list[int]]:
     """Pick the most likely token at every step until EOS or ``max_len`` tokens (per row).
 
-    BOS and ``pad_id`` (the vocabulary's padding) are never picked. Returns one token
-    list per row, without BOS and EOS.
+    BOS and ``pad_id`` (the vocabulary's padding) are never picked. A row that ends leaves the batch
+    (its prefix and its rows of the state, by ``state.select``), so the step runs on the rows still
+    being decoded only. Returns one token list per row, without BOS and EOS.
     """
     device = torch.device(device)
-    limits = _as_lengths(max_len, batch_size, device)  # (B,)
+    limits = _as_lengths(max_len, batch_size, device)  # (N,) for the N rows still decoding
     banned = _never_emitted(bos_id, eos_id, pad_id, device)
-    prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)  # (B, 1)
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)  # (N, 1)
+    live = list(range(batch_size))  # the input row of each row still decoding
+    results: list[list[int]] = [[] for _ in range(batch_size)]
     for t in range(int(limits.max())):
-        log_probs, state = step(prefix, state)  # (B, V)
+        log_probs, state = step(prefix, state)  # (N, V)
         log_probs = log_probs.float().index_fill(-1, banned, float("-inf"))
-        next_token = log_probs.argmax(dim=-1)  # (B,)
+        next_token = log_probs.argmax(dim=-1)  # (N,)
         next_token = torch.where(t + 1 >= limits, torch.full_like(next_token, eos_id), next_token)
-        next_token = next_token.masked_fill(done, eos_id)  # finished rows repeat EOS
-        prefix = torch.cat([prefix, next_token[:, None]], dim=1)  # (B, t + 2)
-        done |= next_token == eos_id
-        if done.all():
+        prefix = torch.cat([prefix, next_token[:, None]], dim=1)  # (N, t + 2)
+        ended = next_token == eos_id
+        if not ended.any():
+            continue
+        for row in ended.nonzero()[:, 0].tolist():
+            results[live[row]] = prefix[row, 1:-1].tolist()
+        going = (~ended).nonzero()[:, 0]  # (N',)
+        if going.numel() == 0:
             break
-    return [_until_eos(row, eos_id) for row in prefix[:, 1:].tolist()]
-
-
-def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+        live = [live[row] for row in going.tolist()]
+        prefix, limits, state = prefix.index_select(0, going), limits.index_select(0, going), state.select(going)
+    return results
 
 
 def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
@@ -96,16 +106,25 @@ def beam_search(
 ) -> list[Hypothesis]:
     """Batched beam search with GNMT length penalty, as in the paper (beam 4, alpha 0.6).
 
-    All sentences and beams advance together as B·K rows. At each step the 2K best extensions of
-    each sentence are ranked by summed log-probability; an EOS among the top K finishes a
-    hypothesis with score logp / length_penalty, the best K non-EOS extensions stay alive and the
-    state is reordered by their parent beams. A sentence is done once it has K finished hypotheses
-    (so beam size 1 is exactly greedy search); the best finished hypothesis is returned.
+    The beams of all sentences still being searched advance together as B·K rows. At each step the
+    2K best extensions of each sentence are ranked by summed log-probability; an EOS among the top K
+    finishes a hypothesis with score logp / length_penalty, the best K non-EOS extensions stay alive
+    and the state is reordered by their parent beams. A sentence is done once it has K finished
+    hypotheses (so beam size 1 is exactly greedy search); the best finished hypothesis is returned.
     A hypothesis's length, for the penalty, counts its tokens and the EOS. One cut at the length
     limit ends there (as in greedy search), its EOS costing nothing. BOS and ``pad_id`` (the
     vocabulary's padding) are never chosen, exactly as in greedy search.
 
-    ``state`` must describe B rows; it is expanded to B·K here. Returns one ``Hypothesis`` per row;
+    A done sentence leaves the batch (its rows of the prefix and of the state). A sentence also
+    stops as soon as no live beam can still change its result (with ``alpha`` >= 0): log-probabilities
+    only fall as a hypothesis grows, and the penalty only grows, so no hypothesis finished later can
+    score above (best live log-probability) / (the largest penalty within its length limit), as in
+    Flax's WMT decoder. Once its ``n_best``-th best finished score reaches that bound, what the
+    search returns for the sentence is settled (a later equal score ranks after it), and stopping
+    there returns exactly what searching on to K finishers would.
+
+    ``state`` must describe B rows; it is expanded to B·K here (after the first step, which all
+    beams share). Returns one ``Hypothesis`` per row;
     with ``n_best`` > 1 (at most ``beam_size``) it also carries the next ``n_best`` − 1 finished
     hypotheses of its row as ``alternatives``, best first.
     """
@@ -115,55 +134,68 @@ def beam_search(
         raise ValueError(f"n_best must be in 1..beam_size ({beam_size}), got {n_best}")
     device = torch.device(device)
     B, K = batch_size, beam_size
-    limits = _as_lengths(max_len, B, device)  # (B,)
+    limits = _as_lengths(max_len, B, device)  # (Bl,) for the Bl sentences still searched
+    longest = int(limits.max())
     banned = _never_emitted(bos_id, eos_id, pad_id, device)
-    state = state.select(torch.arange(B, device=device).repeat_interleave(K))  # B -> B·K rows
-    prefix = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)  # (B·K, 1)
+    # The penalty of each length, computed as the scores are, and the largest one up to each length.
+    penalties = [float(length_penalty(n, alpha)) for n in range(1, longest + 1)]
+    most_penalty = list(itertools.accumulate(penalties, max))
+    # All beams start identical, so the first step runs on one row per sentence (R = 1 row per
+    # sentence); its log-probabilities stand for every beam, and the rows become K after it (R = K).
+    R = 1
+    prefix = torch.full((B, 1), bos_id, dtype=torch.long, device=device)  # (Bl·R, 1)
     alive_logp = torch.full((B, K), float("-inf"), device=device)
     alive_logp[:, 0] = 0.0  # all beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1)
+    live = list(range(B))  # the input sentence of each sentence still searched
+    bound_penalty = torch.tensor([most_penalty[n - 1] for n in limits.tolist()], dtype=torch.float64, device=device)
 
-    for t in range(int(limits.max())):
-        log_probs, state = step(prefix, state)  # (B·K, V)
-        V = log_probs.size(-1)
-        log_probs = log_probs.float().index_fill(-1, banned, float("-inf")).view(B, K, V)
+    for t in range(longest):
+        log_probs, state = step(prefix, state)  # (Bl·R, V)
+        Bl, V = len(live), log_probs.size(-1)
+        log_probs = log_probs.float().index_fill(-1, banned, float("-inf")).view(Bl, R, V).expand(Bl, K, V)
         # At a row's length limit every hypothesis is cut: it ends there with EOS, at no cost.
-        at_limit = (t + 1 >= limits)[:, None, None]  # (B, 1, 1)
-        eos_only = torch.full_like(log_probs, float("-inf"))
-        eos_only[..., eos_id] = 0.0
-        log_probs = torch.where(at_limit, eos_only, log_probs)
-        candidates = (alive_logp[:, :, None] + log_probs).view(B, K * V)  # (B, K·V)
+        at_limit = t + 1 >= limits  # (Bl,)
+        if at_limit.any():
+            eos_only = torch.full_like(log_probs, float("-inf"))
+            eos_only[..., eos_id] = 0.0
+            log_probs = torch.where(at_limit[:, None, None], eos_only, log_probs)
+        candidates = (alive_logp[:, :, None] + log_probs).view(Bl, K * V)  # (Bl, K·V)
         n_top = min(2 * K, K * V)
-        top_logp, top_index = candidates.topk(n_top, dim=-1)  # (B, 2K)
-        top_beam, top_token = top_index // V, top_index % V  # (B, 2K)
+        top_logp, top_index = candidates.topk(n_top, dim=-1)  # (Bl, 2K)
+        top_beam, top_token = top_index // V, top_index % V  # (Bl, 2K)
 
         is_eos = top_token == eos_id
         finishes = is_eos & (torch.arange(n_top, device=device) < K) & torch.isfinite(top_logp)
         if finishes.any():
-            penalty = float(length_penalty(t + 1, alpha))
-            history = prefix.view(B, K, -1)
+            history = prefix.view(Bl, R, -1)
             for b, j in finishes.nonzero().tolist():
-                if done[b] or len(finished[b]) >= K:
-                    continue
-                tokens = history[b, top_beam[b, j], 1:].tolist()
-                finished[b].append((float(top_logp[b, j]) / penalty, tokens))
-        done |= torch.tensor([len(f) >= K for f in finished], device=device) | (t + 1 >= limits)
-        if done.all():
-            break
+                if len(finished[live[b]]) < K:
+                    tokens = history[b, top_beam[b, j] % R, 1:].tolist()
+                    finished[live[b]].append((float(top_logp[b, j]) / penalties[t], tokens))
 
         # The K best extensions that do not end in EOS stay alive.
-        keep_logp = top_logp.masked_fill(is_eos, float("-inf"))
-        keep_logp, order = keep_logp.topk(K, dim=-1)  # (B, K)
-        parent = top_beam.gather(1, order)  # (B, K)
-        token = top_token.gather(1, order)  # (B, K)
-        alive_logp = keep_logp.masked_fill(done[:, None], float("-inf"))
-        rows = (offsets + parent).view(-1)  # (B·K,) rows of the previous step to continue
-        prefix = torch.cat([prefix.index_select(0, rows), token.view(-1, 1)], dim=1)  # (B·K, t + 2)
-        state = state.select(rows)
+        keep_logp, order = top_logp.masked_fill(is_eos, float("-inf")).topk(K, dim=-1)  # (Bl, K), best first
+        bound = (keep_logp[:, 0].double() / bound_penalty).tolist()  # (Bl,) the best any later finisher scores
+        done = at_limit.tolist()
+        for b, sentence in enumerate(live):
+            ended = finished[sentence]
+            settled = alpha >= 0 and len(ended) >= n_best and sorted(s for s, _ in ended)[-n_best] >= bound[b]
+            done[b] = done[b] or len(ended) >= K or settled
+        if all(done):
+            break
+        going = [b for b, ended in enumerate(done) if not ended]
+        index = torch.tensor(going, device=device)  # (Bl',)
+        parent = top_beam.gather(1, order).index_select(0, index)  # (Bl', K)
+        token = top_token.gather(1, order).index_select(0, index)  # (Bl', K)
+        rows = (index[:, None] * R + parent % R).view(-1)  # (Bl'·K,) rows of this step to continue
+        prefix = torch.cat([prefix.index_select(0, rows), token.view(-1, 1)], dim=1)  # (Bl'·K, t + 2)
+        alive_logp = keep_logp.index_select(0, index)
+        limits, bound_penalty = limits.index_select(0, index), bound_penalty.index_select(0, index)
+        live = [live[b] for b in going]
+        state, R = state.select(rows), K
 
-    # Every row is done here: the last position forces EOS, so K hypotheses always finish.
+    # Every sentence is done here: the last position forces EOS, so its hypotheses finish.
     # A stable sort keeps the first of equal scores first, as max() picks it.
     ranked = [sorted(finished[b], key=lambda item: -item[0])[:n_best] for b in range(B)]
     return [

@@ -1,4 +1,4 @@
-"""A lean decoding step for the decoder-only model: the layers' maths as plain tensor operations.
+"""Lean decoding steps for both models: the layers' maths as plain tensor operations.
 
 Generating one token with a KV cache touches a few kilobytes of activations, so with a small model
 the time goes to Python and dispatch overhead, not to arithmetic: each ``nn.Module`` call,
@@ -9,7 +9,8 @@ in about fifteen tensor operations per layer, with the same cache (``LMState``) 
 ``DecoderOnlyTransformer.step``, whose logits it reproduces (tests/test_fast_decode.py). It is what
 ``attnlab.decode.generate`` runs; the modules stay the readable definition of the model. Because
 it re-implements their maths, ``pack`` checks every assumption it makes about them and refuses a
-model that differs.
+model that differs. The encoder-decoder ``Transformer`` has its own lean step (``pack_decoder``,
+``start_decoding``, ``decoder_step``, below), which ``attnlab.decode.translate`` runs.
 
 Activations are kept 2-D, (B·T, E), so each projection is one ``addmm`` (a single row: one
 matrix-vector product), and sums are done in place on tensors created a line earlier.
@@ -21,17 +22,24 @@ V vocab size.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KV, MultiHeadAttention, causal_mask
-from .layers import EncoderLayer, PositionwiseFeedForward
-from .model import DecoderOnlyTransformer, LMState
+from .layers import (
+    DecoderLayer,
+    EncoderLayer,
+    PositionalEncoding,
+    PositionwiseFeedForward,
+)
+from .model import DecoderOnlyTransformer, Encoded, LMState, TokenEmbedding, Transformer
 
-__all__ = ["PackedLM", "pack", "step"]
+__all__ = ["PackedLM", "pack", "step", "PackedDecoder", "LeanDecoderState", "pack_decoder", "start_decoding",
+           "decoder_step"]
 
 Affine = tuple[Tensor, Tensor]  # a LayerNorm's (γ, β), or a Linear's (Wᵀ (in, out), b): x Wᵀ + b
 
@@ -181,3 +189,285 @@ def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMSt
     if packed.final_norm is not None:
         last = torch.layer_norm(last, (E,), *packed.final_norm, _LAYER_NORM_EPS)
     return last @ packed.output, LMState(tuple(new_kv), t + T)  # (B, V)
+
+
+# -- the encoder-decoder Transformer ---------------------------------------------------------------------
+#
+# Translating one token at a time runs the decoder only (the encoder runs once per sentence, through the
+# modules). ``pack_decoder`` gathers the decoder's weights (optionally as int8), ``start_decoding``
+# projects each source's cross-attention keys/values once, and ``decoder_step`` runs one new token per
+# row. Its state is a value, as ``DecoderState`` is, with two differences that make beam search cheap:
+#
+# - The cross-attention keys/values are kept once per *source*, not once per row: the G rows (beams) of
+#   one source attend to them together, as G queries of one attention call, ``rows_per_source`` = G.
+# - ``select`` (beam reordering, finished rows leaving) does not copy the self-attention cache at once:
+#   it records the rows to keep, and the next step gathers them into the cache it grows, so that
+#   reordering and growing cost one copy of the cache, not two (``torch.cat`` plus ``index_select``).
+#   Every step writes a new cache of its own and never into one it was given: two searches from one
+#   state cannot disturb each other.
+#
+# Shape legend (decoder): N rows, Bs sources, G = N / Bs rows per source, S source length, t cached
+# target positions, H heads, D head dim, E model dim, V target vocab size.
+
+Weights = Any  # a Linear's weights for ``_apply``: an ``Affine`` (float32) or int8 packed parameters
+
+
+class _PackedDecoderLayer(NamedTuple):
+    norm1: Affine
+    qkv: Weights  # self-attention's fused [W_q; W_k; W_v]ᵀ (E, 3E)
+    self_out: Weights  # self-attention's W_oᵀ (E, E)
+    norm2: Affine
+    cross_q: Weights  # cross-attention's W_qᵀ (E, E)
+    cross_kv: Affine  # cross-attention's [W_k; W_v]ᵀ (E, 2E): once per sentence, kept in float32
+    cross_out: Weights  # cross-attention's W_oᵀ (E, E)
+    norm3: Affine
+    ff1: Weights  # W_1ᵀ (E, d_ff)
+    ff2: Weights  # W_2ᵀ (d_ff, E)
+
+
+class PackedDecoder(NamedTuple):
+    """The decoder weights of a ``Transformer``, gathered once for ``decoder_step``."""
+
+    embedding: Tensor  # the target embeddings (V, E)
+    scale: float  # √E, the embeddings' scale
+    positions: Tensor  # the sinusoidal table, (max_len, E)
+    layers: tuple[_PackedDecoderLayer, ...]
+    final_norm: Affine | None  # pre-LN models only
+    output: Weights  # the output layer's Wᵀ (E, V) and bias (V,)
+    num_heads: int
+    norm_first: bool
+    int8: bool  # the products of ``Weights`` run in int8 (dynamic quantization)
+
+
+_DECODER_LAYER_CHILDREN = {"self_attn", "cross_attn", "feed_forward", "norm1", "norm2", "norm3",
+                           "dropout1", "dropout2", "dropout3"}
+
+
+def _check_attention(attn: nn.Module, config, where: str) -> MultiHeadAttention:
+    E = config.d_model
+    _require(type(attn) is MultiHeadAttention and attn.d_model == E and attn.num_heads == config.num_heads,
+             f"{where} splits d_model={E} into num_heads={config.num_heads} heads")
+    _require(attn.in_proj_bias is not None and attn.w_o.bias is not None, f"{where}'s projections have biases")
+    return attn
+
+
+def _check_feed_forward(ff: nn.Module, where: str) -> PositionwiseFeedForward:
+    _require(type(ff) is PositionwiseFeedForward and ff.activation is F.relu,
+             f"{where}'s feed-forward block is PositionwiseFeedForward with a ReLU")
+    _require(ff.w_1.bias is not None and ff.w_2.bias is not None, f"{where}'s feed-forward layers have biases")
+    return ff
+
+
+def _quantized(affine: Affine) -> Weights:
+    """A Linear's weights as PyTorch's int8 packed parameters: each output row its own symmetric scale
+    (the per-channel observer of ``torch.ao.quantization``), the activations quantized per call."""
+    weight_t, bias = affine
+    weight = weight_t.t().detach().float().contiguous()  # (out, in)
+    from torch.ao.quantization import default_per_channel_weight_observer
+
+    observer = default_per_channel_weight_observer()
+    observer(weight)
+    scale, zero_point = observer.calculate_qparams()
+    with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; its int8 kernels need one
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qweight = torch.quantize_per_channel(weight, scale.float(), zero_point, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, bias.detach().float())
+
+
+def _check_decoder_layer(layer: nn.Module, config, index: int, int8: bool) -> _PackedDecoderLayer:
+    """Every assumption ``decoder_step`` makes about one decoder layer, checked; then its weights."""
+    where = f"decoder layer {index}"
+    _require(type(layer) is DecoderLayer, f"{where} is a DecoderLayer, found {type(layer).__name__}")
+    children = {name for name, _ in layer.named_children()}
+    _require(children == _DECODER_LAYER_CHILDREN, f"{where} has exactly the modules "
+             f"{sorted(_DECODER_LAYER_CHILDREN)}, found {sorted(children)}")
+    _require(layer.norm_first == config.norm_first,
+             f"{where} places its norms as the config says (norm_first={config.norm_first})")
+    attn = _check_attention(layer.self_attn, config, f"{where}'s self-attention")
+    cross = _check_attention(layer.cross_attn, config, f"{where}'s cross-attention")
+    ff = _check_feed_forward(layer.feed_forward, where)
+    E = config.d_model
+    weights = _quantized if int8 else (lambda affine: affine)
+    return _PackedDecoderLayer(
+        _check_norm(layer.norm1, E, f"{where}'s norm1"),
+        weights((attn.in_proj_weight.t(), attn.in_proj_bias)),  # (E, 3E), (3E,)
+        weights(_linear_weights(attn.w_o)),
+        _check_norm(layer.norm2, E, f"{where}'s norm2"),
+        weights((cross.in_proj_weight[:E].t(), cross.in_proj_bias[:E])),  # W_qᵀ (E, E), b_q
+        (cross.in_proj_weight[E:].t(), cross.in_proj_bias[E:]),  # [W_k; W_v]ᵀ (E, 2E), [b_k; b_v]
+        weights(_linear_weights(cross.w_o)),
+        _check_norm(layer.norm3, E, f"{where}'s norm3"),
+        weights(_linear_weights(ff.w_1)),
+        weights(_linear_weights(ff.w_2)),
+    )
+
+
+def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
+    """Gather a ``Transformer``'s decoder weights for ``decoder_step``, after checking every assumption
+    it makes: evaluation mode (no dropout) throughout, the norms where the config puts them with the eps
+    ``decoder_step`` uses, ReLU feed-forward blocks, the head split, biases where it adds them, target
+    embeddings scaled by √E and shared with the source and the output layer exactly when the config
+    says, an output layer with a bias, and no module it would leave out.
+
+    With ``int8`` every product of the step (not the embeddings, norms, attention or the per-sentence
+    cross-attention keys/values) runs on int8 weights with dynamically quantized activations (PyTorch's
+    ``quantized::linear_dynamic``, CPU only); the weights are then a quantized copy, taken now.
+    Without it the packed weights are views of the model's parameters.
+    """
+    if any(m.training for m in model.modules()):
+        raise ValueError("pack_decoder() is for decoding, which has no dropout: call model.eval() first")
+    _require(type(model) is Transformer, f"a Transformer, found {type(model).__name__}")
+    c = model.config
+    shared = model.tgt_embed is model.src_embed
+    _require(shared == c.share_embeddings, f"target embeddings {'shared with' if c.share_embeddings else 'separate from'} "
+             "the source's, as the config says")
+    expected = {"src_embed", "positional", "encoder_layers", "decoder_layers", "encoder_norm", "decoder_norm",
+                "output"} | (set() if shared else {"tgt_embed"})
+    children = {name for name, _ in model.named_children()}
+    _require(children == expected, f"the model has exactly the modules {sorted(expected)}, found {sorted(children)}")
+    _require(type(model.positional) is PositionalEncoding, "the sinusoidal PositionalEncoding adds the positions")
+    embed = model.tgt_embed
+    _require(type(embed) is TokenEmbedding and embed.scale == math.sqrt(c.d_model),
+             "target embeddings scaled by sqrt(d_model)")
+    _require(len(model.decoder_layers) == c.num_decoder_layers, f"{c.num_decoder_layers} decoder layers, as the config says")
+    layers = tuple(_check_decoder_layer(layer, c, i, int8) for i, layer in enumerate(model.decoder_layers))
+    if c.norm_first:
+        final_norm = _check_norm(model.decoder_norm, c.d_model, "the decoder's final norm (pre-LN)")
+    else:
+        _require(type(model.decoder_norm) is nn.Identity, "no final decoder norm in a post-LN model")
+        final_norm = None
+    embedding = embed.embedding.weight
+    _require(type(model.output) is nn.Linear and model.output.bias is not None, "an output layer with a bias")
+    tied = model.output.weight is embedding
+    _require(tied == c.share_embeddings, f"output weights {'tied to' if c.share_embeddings else 'separate from'} "
+             "the target embeddings, as the config says")
+    output = _linear_weights(model.output)
+    return PackedDecoder(
+        embedding=embedding, scale=embed.scale, positions=model.positional.P[0].to(embedding.dtype), layers=layers,
+        final_norm=final_norm, output=_quantized(output) if int8 else output, num_heads=c.num_heads,
+        norm_first=c.norm_first, int8=int8,
+    )
+
+
+def _apply(x: Tensor, weights: Weights) -> Tensor:
+    """x Wᵀ + b for (N, in) -> (N, out), in float32 or int8."""
+    if type(weights) is tuple:
+        return torch.addmm(weights[1], x, weights[0])
+    return torch.ops.quantized.linear_dynamic(x, weights, True)  # reduce_range: x86's int8 kernels need it
+
+
+class LeanDecoderState(NamedTuple):
+    """What ``decoder_step`` carries from token to token, as a value. Row r reads source r // G."""
+
+    memory_kv: tuple[KV, ...]  # per layer: cross-attention keys/values, one per source, (Bs, H, S, D)
+    src_mask: Tensor  # (Bs, 1, 1, S), True = a source position the decoder may attend to
+    rows_per_source: int  # G
+    self_kv: tuple[KV, ...] | None  # per layer: the self-attention cache, (N_cache, H, t, D)
+    rows: Tensor | None  # the cache rows the next step continues, (N,); None: all, in order
+    length: int  # target positions decoded so far
+
+    def select(self, index: Tensor) -> "LeanDecoderState":
+        """Keep (or repeat, or reorder) rows, as ``DecoderState.select`` does. The cache is gathered by
+        the next step; the sources' keys/values only when the rows leave or split a source's group."""
+        rows = index if self.rows is None else self.rows.index_select(0, index)
+        sources = [row // self.rows_per_source for row in index.tolist()]  # the source each row reads
+        G = _group_size(sources)
+        kept = sources[::G]
+        memory_kv, src_mask = self.memory_kv, self.src_mask
+        if kept != list(range(src_mask.size(0))):
+            which = torch.tensor(kept, device=index.device)
+            memory_kv = tuple(kv.select(which) for kv in memory_kv)
+            src_mask = src_mask.index_select(0, which)
+        return LeanDecoderState(memory_kv, src_mask, G, self.self_kv, rows, self.length)
+
+
+def _group_size(sources: list[int]) -> int:
+    """G, the length of the first run of equal entries, when every G consecutive rows read one source
+    (the beams of a sentence, as beam search keeps them); otherwise 1, a group per row."""
+    G = 1
+    while G < len(sources) and sources[G] == sources[0]:
+        G += 1
+    if len(sources) % G or sources != [s for s in sources[::G] for _ in range(G)]:
+        return 1
+    return G
+
+
+@torch.no_grad()
+def start_decoding(packed: PackedDecoder, encoded: Encoded) -> LeanDecoderState:
+    """The empty state of a decode from ``encoded`` (one row per source): each decoder layer's
+    cross-attention keys and values, projected once."""
+    memory, src_mask = encoded.memory, encoded.src_mask
+    Bs, S, E = memory.shape
+    _require(bool(src_mask.any(dim=-1).all()), "every source has a position the decoder may attend to")
+    H = packed.num_heads
+    memory_kv = []
+    for layer in packed.layers:
+        kv = _apply(memory.reshape(Bs * S, E), layer.cross_kv)  # (Bs·S, 2E)
+        k, v = kv.view(Bs, S, 2, H, E // H).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (Bs, H, S, D) each
+        memory_kv.append(KV(k, v))
+    return LeanDecoderState(tuple(memory_kv), src_mask, 1, None, None, 0)
+
+
+def _grow(past: Tensor | None, rows: Tensor | None, new: Tensor) -> Tensor:
+    """The cache of the rows to continue, ``past`` gathered by ``rows``, with ``new`` (N, H, 1, D)
+    appended: (N, H, t + 1, D), written into a tensor of its own in one copy."""
+    if past is None:
+        return new.contiguous()
+    N, H, _, D = new.shape
+    t = past.size(2)
+    grown = new.new_empty(N, H, t + 1, D)
+    if rows is None:
+        grown[:, :, :t].copy_(past)
+    else:
+        torch.index_select(past, 0, rows, out=grown[:, :, :t])
+    grown[:, :, t:].copy_(new)
+    return grown
+
+
+@torch.no_grad()
+def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState) -> tuple[Tensor, LeanDecoderState]:
+    """Logits (N, V) of one new token per row, ``tokens`` (N, 1), and the grown state.
+
+    Reproduces ``Transformer.decode_step`` (tests/test_fast_decode.py). Token ids are trusted: they
+    come from the search, which takes them from the model's own vocabulary. No gradients: decoding
+    needs none.
+    """
+    N, T = tokens.shape
+    t, G = state.length, state.rows_per_source
+    Bs = state.src_mask.size(0)
+    if T != 1 or N != Bs * G:
+        raise ValueError(f"decoder_step takes one token for each of the state's {Bs * G} rows, got {tuple(tokens.shape)}")
+    if t + 1 > packed.positions.size(0):
+        raise ValueError(f"{t + 1} positions do not fit the model's {packed.positions.size(0)}")
+    H, E = packed.num_heads, packed.embedding.size(1)
+    D = E // H
+    x = torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)  # (N, E)
+    pasts = state.self_kv or (None,) * len(packed.layers)
+    new_kv = []
+    for layer, memory, past in zip(packed.layers, state.memory_kv, pasts):
+        # Masked self-attention: the one new query sees every cached position.
+        h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
+        qkv = _apply(h, layer.qkv).view(N, 3, H, 1, D)
+        k = _grow(None if past is None else past.k, state.rows, qkv[:, 1])  # (N, H, t + 1, D)
+        v = _grow(None if past is None else past.v, state.rows, qkv[:, 2])
+        attended = F.scaled_dot_product_attention(qkv[:, 0], k, v)  # (N, H, 1, D)
+        x = _apply(attended.transpose(1, 2).reshape(N, E), layer.self_out).add_(x)
+        if not packed.norm_first:
+            x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
+        # Cross-attention: the G rows of a source are G queries of one attention over its keys/values.
+        h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
+        q = _apply(h, layer.cross_q).view(Bs, G, H, D).transpose(1, 2)  # (Bs, H, G, D)
+        attended = F.scaled_dot_product_attention(q, memory.k, memory.v, attn_mask=state.src_mask)  # (Bs, H, G, D)
+        x = _apply(attended.transpose(1, 2).reshape(N, E), layer.cross_out).add_(x)
+        if not packed.norm_first:
+            x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
+        # Feed-forward.
+        h = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS) if packed.norm_first else x
+        x = _apply(_apply(h, layer.ff1).relu_(), layer.ff2).add_(x)
+        if not packed.norm_first:
+            x = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS)
+        new_kv.append(KV(k, v))
+    if packed.final_norm is not None:
+        x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
+    state = LeanDecoderState(state.memory_kv, state.src_mask, G, tuple(new_kv), None, t + 1)
+    return _apply(x, packed.output), state  # (N, V)

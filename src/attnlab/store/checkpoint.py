@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .files import current_umask, write_text_atomic
+from .files import current_umask, replace_directory, write_text_atomic
 
 __all__ = [
     "CheckpointError",
@@ -85,14 +85,7 @@ def save_checkpoint(
             _save_tensors({k: v.contiguous().cpu() for k, v in trainer_tensors.items()}, tmp / "trainer.safetensors")
         if trainer_info is not None:
             write_json_atomic(tmp / "trainer.json", trainer_info)
-        if directory.exists():  # replacing: move the old one aside first, then drop it
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_text_atomic", "current_umask"]
+__all__ = ["write_text_atomic", "current_umask", "replace_directory"]
 
 
 def current_umask() -> int:
@@ -31,3 +32,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_directory(built: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put the complete folder ``built`` at ``target`` by renames: a folder already there is moved
+    aside first and removed last, so ``target`` is only ever an old complete folder or the new one."""
+    built, target = Path(built), Path(target)
+    if not target.exists():
+        os.replace(built, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(built, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -69,11 +69,12 @@ class TranslationSettings(_Section):
 
     kind: ClassVar[str] = "translation"
 
-    src_lang: str = "de"
+    data: str = ""  # a folder made by `attnlab prepare`; empty: the bundled Multi30k of src_lang->tgt_lang
+    src_lang: str = "de"  # with data: the prepared data's languages
     tgt_lang: str = "en"
-    data_dir: str = ""  # empty: the project's data/ folder (or $ATTNLAB_DATA)
-    train_fraction: float = 1.0  # use a prefix of the training data (the demo and tests use less)
-    vocab_size: int = 8000
+    data_dir: str = ""  # where the Multi30k files are; empty: the bundled corpora (or $ATTNLAB_DATA)
+    train_fraction: float = 1.0  # train on the first pairs only (tests use less); the vocabulary is the data's
+    vocab_size: int = 8000  # Multi30k's; a prepared dataset brings its own vocabulary
     shared_vocab: bool = True
     num_encoder_layers: int = 3
     num_decoder_layers: int = 3
@@ -97,7 +98,7 @@ class LanguageModelSettings(_Section):
 
     kind: ClassVar[str] = "lm"
 
-    data_dir: str = ""  # empty: the project's data/ folder (or $ATTNLAB_DATA)
+    data_dir: str = ""  # empty: the bundled corpora (or $ATTNLAB_DATA)
     num_layers: int = 4
     context: int = 64  # tokens per sequence, the model's positions
     batch_size: int = 12  # sequences per batch

@@ -16,13 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..data.batching import collate, make_batches, padding_fraction
-from ..data.corpus import default_data_dir, load_multi30k
-from ..data.vocab import BaseVocab, CharVocab, Vocab, vocabs_from_dict, vocabs_to_dict
+from ..data.cache import prepared_multi30k
+from ..data.corpus import default_data_dir
+from ..data.prepared import PreparedData, PreparedSplit
+from ..data.vocab import BaseVocab, CharVocab, vocabs_from_dict, vocabs_to_dict
 from ..decode.translate import DecodeConfig, Translator, bleu_scores
+from ..errors import DataError
 from ..nn.model import (
     DecoderOnlyTransformer,
     LanguageModelConfig,
@@ -64,6 +68,10 @@ class Task(Protocol):
         """An optional note for the start of an epoch (e.g. the batches' padding)."""
         return ""
 
+    def data_info(self) -> dict[str, Any]:
+        """Which prepared data the run reads (path, fingerprint), if any; kept in config.json."""
+        return {}
+
 
 @contextmanager
 def _evaluation_mode(model: nn.Module) -> Iterator[None]:
@@ -78,61 +86,87 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 class TranslationTask(Task):
-    """Multi30k translation with a subword vocabulary and token-based, length-sorted batches."""
+    """Translation from a prepared dataset: token-based, length-sorted batches read through a memory map.
+
+    The data is a folder made by ``attnlab prepare`` (the ``data`` setting) or, when that is empty,
+    the bundled Multi30k of ``src_lang``->``tgt_lang``, prepared on first use into the cache folder
+    (``attnlab.data.cache``): one path for every corpus. The corpus never has to fit in memory:
+    batches are built from its length arrays, and a batch's token ids are copied out of the
+    memory-mapped arrays when the batch is trained on. With a prepared dataset, the languages and the
+    vocabulary are the dataset's; the run's settings are completed from it (``self.config``).
+    """
 
     kind = "translation"
     best_metric = "val_bleu"
     higher_is_better = True
     plot_metrics = ("train_loss", "val_loss", "val_bleu")
 
-    def __init__(self, config: TrainConfig, vocab: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: TrainConfig, vocab: dict[str, Any] | None = None, *, progress: bool = False) -> None:
         if not isinstance(config.task, TranslationSettings):
             raise ValueError(f"TranslationTask needs translation settings, got {config.kind!r}")
-        self.config, self.settings = config, s = config, config.task
-        data_dir = s.data_dir or None
-        train = load_multi30k("train", s.src_lang, s.tgt_lang, data_dir)
-        train = train[: max(1, int(len(train) * s.train_fraction))]
-        self.val = load_multi30k("val", s.src_lang, s.tgt_lang, data_dir)
-        if vocab is None:
-            started = time.perf_counter()
-            self.src_vocab, self.tgt_vocab = self._train_vocab(train)
-            self.vocab_seconds = time.perf_counter() - started
+        s = config.task
+        started = time.perf_counter()
+        if s.data:
+            self.data = PreparedData.open(s.data, full_check=True)  # every file's hash: no edited array trains
+            config = config.override(
+                data=str(self.data.path.resolve()),  # found again from any working directory
+                src_lang=self.data.src_lang, tgt_lang=self.data.tgt_lang,
+                vocab_size=int(self.data.manifest["settings"]["vocab_size"]),
+                shared_vocab=self.data.src_vocab is self.data.tgt_vocab,
+            )
+            self.name = f"{self.data.path}"
         else:
-            self.src_vocab, self.tgt_vocab = vocabs_from_dict(vocab)
-            self.vocab_seconds = 0.0
+            self.data = prepared_multi30k(s.src_lang, s.tgt_lang, vocab_size=s.vocab_size,
+                                          shared_vocab=s.shared_vocab, data_dir=s.data_dir or None, progress=progress)
+            self.name = "Multi30k"
+        self.prepare_seconds = time.perf_counter() - started
+        self.config, self.settings = config, s = config, config.task
+        self.src_vocab, self.tgt_vocab = self.data.src_vocab, self.data.tgt_vocab
+        if vocab is not None and vocabs_from_dict(vocab) != (self.src_vocab, self.tgt_vocab):
+            raise DataError(f"{self.data.path}: the prepared data's vocabulary is not the one this run was trained "
+                            "with (was the data prepared again with other settings?)")
         self.pad_id = self.src_vocab.pad_id
-        self.train_src, self.train_tgt = self._encode_pairs(train)
-        self.dropped = len(train) - len(self.train_src)
-        if not self.train_src:
-            raise ValueError(f"no training pair fits max_len={s.max_len} subwords (with <bos>/<eos>): "
-                             f"all {len(train)} were left out; raise --max-len")
-        self.val_src, self.val_tgt = self._encode_pairs(self.val)
 
-    def _train_vocab(self, train: list[tuple[str, str]]) -> tuple[BaseVocab, BaseVocab]:
-        s = self.settings
-        src_text = [src for src, _ in train]
-        tgt_text = [tgt for _, tgt in train]
-        if s.shared_vocab:
-            shared = Vocab.train(src_text + tgt_text, s.vocab_size)
-            return shared, shared
-        return Vocab.train(src_text, s.vocab_size), Vocab.train(tgt_text, s.vocab_size)
+        self.train_split = self.data.split("train")
+        n = max(1, int(len(self.train_split) * s.train_fraction))
+        src_len, tgt_len = self._fitting(self.train_split, n)
+        self.train_index = np.flatnonzero(src_len >= 0).astype(np.int32)  # the split's pairs that fit
+        self.train_src_len = src_len[self.train_index] + 1  # + <eos>: what the encoder reads
+        self.train_tgt_len = tgt_len[self.train_index] + 1  # + <bos> (decoder input) or <eos> (output)
+        self.dropped = n - len(self.train_index)
+        if not len(self.train_index):
+            raise DataError(f"{self.data.path}: no training pair fits max_len={s.max_len} subwords (with <bos>/<eos>): "
+                            f"all {n} were left out; raise --max-len")
 
-    def _encode_pairs(self, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
-        """Source ids + EOS and target ids as BOS ... EOS, leaving out pairs beyond ``max_len``.
+        valid = self.data.split("valid")
+        self.val = valid.texts()
+        src_len, _ = self._fitting(valid, len(valid))
+        kept = np.flatnonzero(src_len >= 0).tolist()
+        if not kept:  # never a validation loss of 0 over no pairs
+            raise DataError(f"{self.data.path}: no validation pair fits max_len={s.max_len} subwords (with "
+                            f"<bos>/<eos>): all {len(valid)} were left out; raise --max-len")
+        self.val_src = [self._source(valid, i) for i in kept]
+        self.val_tgt = [self._target(valid, i) for i in kept]
+
+    def _fitting(self, split: PreparedSplit, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` pairs' lengths, -1 for pairs that do not fit the model's positions.
 
         Training leaves such pairs out rather than cutting them: a cut target teaches the model to
         stop mid-sentence. ``describe`` reports how many were left out.
         """
-        limit = self.settings.max_len
-        src = self.src_vocab.encode_batch([s for s, _ in pairs])
-        tgt = self.tgt_vocab.encode_batch([t for _, t in pairs])
-        bos, eos = self.tgt_vocab.bos_id, self.tgt_vocab.eos_id
-        kept_src, kept_tgt = [], []
-        for s, t in zip(src, tgt):
-            if len(s) + 1 <= limit and len(t) + 2 <= limit:
-                kept_src.append(s + [self.src_vocab.eos_id])
-                kept_tgt.append([bos] + t + [eos])
-        return kept_src, kept_tgt
+        src_len, tgt_len = split.src_lengths[:n], split.tgt_lengths[:n]  # int32
+        fits = (src_len < self.settings.max_len) & (tgt_len < self.settings.max_len - 1)  # + <eos>; <bos>, <eos>
+        return np.where(fits, src_len, -1), np.where(fits, tgt_len, -1)
+
+    def _source(self, split: PreparedSplit, i: int) -> list[int]:
+        return [*split.src(i).tolist(), self.src_vocab.eos_id]
+
+    def _target(self, split: PreparedSplit, i: int) -> list[int]:
+        return [self.tgt_vocab.bos_id, *split.tgt(i).tolist(), self.tgt_vocab.eos_id]
+
+    def data_info(self) -> dict[str, Any]:
+        """Which prepared data the run trains on; stored in every checkpoint's config.json."""
+        return {"path": str(self.data.path.resolve()), "fingerprint": self.data.fingerprint}
 
     def vocab_json(self) -> dict[str, Any]:
         return vocabs_to_dict(self.src_vocab, self.tgt_vocab)
@@ -150,18 +184,20 @@ class TranslationTask(Task):
     def build_model(self) -> Transformer:
         return Transformer(self.model_config())
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        return make_batches(
-            [len(s) for s in self.train_src], [len(t) - 1 for t in self.train_tgt],
-            self.settings.max_tokens, shuffle=True, seed=self.config.seed, epoch=epoch,
-        )
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Batches of positions into ``train_index``, built from the length arrays alone."""
+        return make_batches(self.train_src_len, self.train_tgt_len, self.settings.max_tokens,
+                            shuffle=True, seed=self.config.seed, epoch=epoch)
 
-    def describe_epoch(self, batches: list[list[int]]) -> str:
-        padding = padding_fraction(batches, [len(s) for s in self.train_src], [len(t) - 1 for t in self.train_tgt])
-        return f"padding {padding:.1%}"
+    def describe_epoch(self, batches: list[np.ndarray]) -> str:
+        return f"padding {padding_fraction(batches, self.train_src_len, self.train_tgt_len):.1%}"
 
-    def to_tensors(self, batch: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-        src, tgt = collate([(self.train_src[i], self.train_tgt[i]) for i in batch], self.pad_id)
+    def to_tensors(self, batch: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The batch's token ids, read from the prepared files into padded tensors."""
+        eos, bos = self.src_vocab.eos_id, self.tgt_vocab.bos_id
+        pairs = [([*src.tolist(), eos], [bos, *tgt.tolist(), self.tgt_vocab.eos_id])
+                 for src, tgt in self.train_split.read_pairs(self.train_index[batch].tolist())]
+        src, tgt = collate(pairs, self.pad_id)
         return src.to(device), tgt.to(device)  # (B, S), (B, T + 1)
 
     def loss(self, model: nn.Module, tensors: tuple[Tensor, Tensor]) -> LossStats:
@@ -200,7 +236,7 @@ class TranslationTask(Task):
         s = self.settings
         shared = self.tgt_vocab is self.src_vocab
         return (
-            f"Multi30k {s.src_lang}->{s.tgt_lang}: {len(self.train_src)} training pairs"
+            f"{self.name} {s.src_lang}->{s.tgt_lang}: {len(self.train_index)} training pairs"
             + (f" ({self.dropped} longer than max_len={s.max_len} left out)" if self.dropped else "")
             + f", {len(self.val)} validation; vocabulary {len(self.src_vocab)}"
             + (" shared" if shared else f"/{len(self.tgt_vocab)}")
@@ -222,7 +258,7 @@ class LanguageModelTask(Task):
     higher_is_better = False
     plot_metrics = ("train_loss", "val_loss")
 
-    def __init__(self, config: TrainConfig, vocab: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: TrainConfig, vocab: dict[str, Any] | None = None, *, progress: bool = False) -> None:
         if not isinstance(config.task, LanguageModelSettings):
             raise ValueError(f"LanguageModelTask needs language-model settings, got {config.kind!r}")
         self.config, self.settings = config, config.task
@@ -298,6 +334,10 @@ TASKS: dict[str, type[TranslationTask] | type[LanguageModelTask]] = {
 }
 
 
-def build_task(config: TrainConfig, vocab: dict[str, Any] | None = None) -> Task:
-    """The task a config asks for; ``vocab`` (from a checkpoint) replaces training a vocabulary."""
-    return TASKS[config.kind](config, vocab)
+def build_task(config: TrainConfig, vocab: dict[str, Any] | None = None, *, progress: bool = False) -> Task:
+    """The task a config asks for; ``vocab`` (from a checkpoint) must match the data's vocabulary.
+
+    The task's ``config`` is the run's, completed from its data (a prepared dataset's languages).
+    ``progress`` shows a bar while Multi30k is prepared on first use.
+    """
+    return TASKS[config.kind](config, vocab, progress=progress)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, RunDirectoryError, TrainingInterrupted
+from ..errors import CheckpointError, DataError, RunDirectoryError, TrainingInterrupted
 from ..inspect.plots import plot_training_log
 from ..store.checkpoint import (
     POINTER,
@@ -263,7 +263,9 @@ class _Run:
         return len(lines) - len(kept)
 
     def config_json(self) -> dict[str, Any]:
-        return {"kind": self.task.kind, "model": self.model_config, "train": self.config.to_dict()}
+        data = self.task.data_info()
+        return {"kind": self.task.kind, "model": self.model_config, "train": self.config.to_dict(),
+                **({"data": data} if data else {})}
 
     def save(self, name: str, model: nn.Module, tensors=None, info=None) -> Path:
         return save_checkpoint(self.dir / "ckpt" / name, model, self.config_json(), self.task.vocab_json(), tensors, info)
@@ -343,7 +345,8 @@ class Trainer:
         vocab = read_checkpoint_json(resume_from, "vocab.json") if resume_from else None
 
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        self.task = build_task(config, vocab)
+        self.task = self._build_task(config, vocab, resume_from)
+        self.config = config = self.task.config  # completed from the data (a prepared dataset's languages)
         self.model = self.task.build_model().to(self.device)
         self.optimizer = build_adam(self.model, (config.adam_beta1, config.adam_beta2), config.adam_eps,
                                     config.weight_decay)
@@ -367,6 +370,34 @@ class Trainer:
         self.run = _Run(self.out_dir, config, self.task, self.task.model_config().to_dict()) if self.world.is_main else None
         self.window = _Window()
         self._signal: int | None = None
+
+    def _build_task(self, config: TrainConfig, vocab: dict[str, Any] | None, resume_from: Path | None) -> Task:
+        """The task, built by the main process first: it may prepare Multi30k into the shared cache."""
+        if self.world.size > 1 and not self.world.is_main:
+            # Wait for the main process to prepare the data; if it failed, fail with its message
+            # (rather than hang at the barrier or die on a closed connection).
+            dist.barrier()
+            failure: list[str | None] = [None]
+            dist.broadcast_object_list(failure, src=0)
+            if failure[0] is not None:
+                raise DataError(f"the main process could not set up the data: {failure[0]}")
+        try:
+            task = build_task(config, vocab, progress=self.progress and self.world.is_main)
+        except Exception as error:
+            if self.world.size > 1 and self.world.is_main:
+                dist.barrier()
+                dist.broadcast_object_list([str(error)], src=0)
+            raise
+        if self.world.size > 1 and self.world.is_main:
+            dist.barrier()
+            dist.broadcast_object_list([None], src=0)
+        saved = read_checkpoint_json(resume_from, "config.json").get("data") if resume_from else None
+        if isinstance(saved, dict) and saved.get("fingerprint") != task.data_info().get("fingerprint"):
+            raise DataError(f"{task.data_info().get('path')}: this prepared data is not the data the run in {self.out_dir} "
+                            f"was trained on (fingerprint {saved.get('fingerprint')!r}, now "
+                            f"{task.data_info().get('fingerprint')!r}); prepare it again from the same files and "
+                            "settings, or start a new run")
+        return task
 
     # -- making one ------------------------------------------------------------------------------
     @classmethod
