@@ -405,3 +405,17 @@ def test_read_pairs_names_a_file_cut_after_opening(copy_of):
     file.write_bytes(file.read_bytes()[: 2 * int(split.src_offsets[last])])  # the last sentence is gone
     with pytest.raises(DataError, match=rf"train\.src\.ids\.bin: ends before sentence {last}"):
         split.read_pairs([last])
+
+
+def test_a_dropped_dataset_closes_its_files(prepared):
+    import gc
+    import os
+
+    gc.disable()  # the files must close without the cycle collector's help
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            PreparedData.open(prepared[0]).split("train").read_pairs([0])
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()

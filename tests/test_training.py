@@ -355,7 +355,7 @@ def test_two_processes_through_torchrun_match_one_process_on_the_same_global_bat
     optimizer = build_adam(model, (config.adam_beta1, config.adam_beta2), config.adam_eps, config.weight_decay)
     batches = task.batches(0)
     for step in range(1, steps + 1):
-        union = batches[2 * step - 2] + batches[2 * step - 1]
+        union = np.concatenate([batches[2 * step - 2], batches[2 * step - 1]])
         train_step(model, optimizer, task, task.to_tensors(union, torch.device("cpu")), learning_rate(config, step), config)
     single = {k: v for k, v in model.state_dict().items() if k in ddp}
     assert single.keys() == ddp.keys()

@@ -162,7 +162,7 @@ class PreparedSplit:
 
     def __init__(self, data: PreparedData, name: str) -> None:
         self.name = name
-        self._data = data
+        self._path = data.path  # not the PreparedData itself: no reference cycle, so files close promptly
         entry = data.manifest["splits"][name]
         self._pairs = int(entry["pairs"])
         self._entry = entry
@@ -175,7 +175,7 @@ class PreparedSplit:
         info = self._entry[side][part]
         if info["count"] == 0:
             return np.zeros(0, dtype=info["dtype"])
-        return np.memmap(self._data.path / info["file"], dtype=info["dtype"], mode="r", shape=(info["count"],))
+        return np.memmap(self._path / info["file"], dtype=info["dtype"], mode="r", shape=(info["count"],))
 
     @cached_property
     def src_ids(self) -> np.ndarray:
@@ -211,7 +211,7 @@ class PreparedSplit:
         info = self._entry[side]["offsets"]
         if info["count"] == 0:
             return np.zeros(0, dtype=np.int32)
-        offsets = np.fromfile(self._data.path / info["file"], dtype=info["dtype"], count=info["count"])
+        offsets = np.fromfile(self._path / info["file"], dtype=info["dtype"], count=info["count"])
         return np.diff(offsets).astype(np.int32)
 
     def _check_index(self, i: int) -> int:
@@ -250,19 +250,19 @@ class PreparedSplit:
         bounds = os.pread(offsets_fd, 16, 8 * i)
         start, end = np.frombuffer(bounds, dtype="<i8").tolist() if len(bounds) == 16 else (0, -1)
         if end < start:
-            raise DataError(f"{self._data.path / self._entry[side]['offsets']['file']}: no offsets of sentence {i} "
+            raise DataError(f"{self._path / self._entry[side]['offsets']['file']}: no offsets of sentence {i} "
                             "(the file was cut short or changed after it was prepared)")
         dtype = np.dtype(self._entry[side]["ids"]["dtype"]).newbyteorder("<")
         data = os.pread(ids_fd, (end - start) * dtype.itemsize, start * dtype.itemsize)
         if len(data) != (end - start) * dtype.itemsize:
-            raise DataError(f"{self._data.path / self._entry[side]['ids']['file']}: ends before sentence {i} "
+            raise DataError(f"{self._path / self._entry[side]['ids']['file']}: ends before sentence {i} "
                             "(the file was cut short after it was prepared)")
         return np.frombuffer(data, dtype=dtype)
 
     def _files(self, side: str) -> tuple[int, int]:
         """Read-only descriptors of a side's ids and offsets files, opened on first use."""
         if side not in self._fds:
-            self._fds[side] = tuple(os.open(self._data.path / self._entry[side][part]["file"], os.O_RDONLY)
+            self._fds[side] = tuple(os.open(self._path / self._entry[side][part]["file"], os.O_RDONLY)
                                     for part in ("ids", "offsets"))
         return self._fds[side]
 
@@ -276,12 +276,12 @@ class PreparedSplit:
         texts = self._entry.get("texts")
         if not texts:
             raise DataError(
-                f"{self._data.path}: split {self.name!r} keeps no text (only validation and test "
+                f"{self._path}: split {self.name!r} keeps no text (only validation and test "
                 "splits keep theirs, as BLEU references)"
             )
-        sides = [_read_text_lines(self._data.path / texts[side]["file"]) for side in SIDES]
+        sides = [_read_text_lines(self._path / texts[side]["file"]) for side in SIDES]
         if not len(sides[0]) == len(sides[1]) == self._pairs:
-            raise DataError(f"{self._data.path / texts['src']['file']}: does not hold {self._pairs} lines")
+            raise DataError(f"{self._path / texts['src']['file']}: does not hold {self._pairs} lines")
         return list(zip(*sides))
 
     def __repr__(self) -> str:
