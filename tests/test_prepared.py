@@ -419,3 +419,20 @@ def test_a_dropped_dataset_closes_its_files(prepared):
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         gc.enable()
+
+
+def test_a_second_preparation_of_a_folder_waits_for_the_first(corpus, tmp_path):
+    """Another process holds the folder's lock: prepare says it waits, then finds the work done."""
+    import fcntl
+    import os
+    import threading
+
+    args = dict(train=write_prefix(tmp_path / "in", "train", normal_pairs(20)), valid=corpus["valid"],
+                out=tmp_path / "d", src_lang="en", tgt_lang="cs", **SMALL)
+    first = prepare(**args)
+    fd = os.open(tmp_path / "d" / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a second process preparing the folder would hold it
+    threading.Timer(0.5, os.close, (fd,)).start()
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'd'} is being prepared by another process; waiting"):
+        second = prepare(**args)
+    assert second.up_to_date and second.fingerprint == first.fingerprint

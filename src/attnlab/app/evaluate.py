@@ -13,8 +13,8 @@ from typing import Any
 
 import sacrebleu
 
-from ..data.corpus import MULTI30K_SPLITS, CorpusError, load_multi30k, read_lines
-from ..data.prepared import PreparedData
+from ..data.corpus import MULTI30K_SPLITS, load_multi30k, read_parallel
+from ..data.prepared import MANIFEST, PreparedData
 from ..decode.load import LoadedModel, load_checkpoint
 from ..decode.translate import DecodeConfig, Translator, bleu_scores
 from ..errors import ConfigError, DataError
@@ -45,12 +45,7 @@ def test_pairs(
     if src is not None:
         if split is not None:
             raise ConfigError("give either --split or --src/--ref, not both")
-        sources, references = read_lines(src), read_lines(ref)
-        if len(sources) != len(references):
-            raise CorpusError(f"line counts differ: {src} has {len(sources)} lines, {ref} has {len(references)}")
-        if not sources:
-            raise CorpusError(f"{src}: file is empty")
-        return str(src), list(zip(sources, references))
+        return str(src), read_parallel(src, ref)
 
     split = split or "test_2016_flickr"
     prepared = _prepared_data(loaded, data)
@@ -71,7 +66,7 @@ def _prepared_data(loaded: LoadedModel, data: str | None) -> PreparedData | None
         return PreparedData.open(data)
     recorded = loaded.config.get("data")
     path = recorded.get("path") if isinstance(recorded, dict) else None
-    if isinstance(path, str) and (Path(path) / "manifest.json").is_file():
+    if isinstance(path, str) and (Path(path) / MANIFEST).is_file():
         return PreparedData.open(path)
     return None
 

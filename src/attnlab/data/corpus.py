@@ -13,12 +13,10 @@ another one.
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from pathlib import Path
 
-from ..errors import DataError
+from .sources import CorpusError, iter_lines
 
 __all__ = [
     "BUNDLED_DATA_DIR",
@@ -42,10 +40,6 @@ MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 MULTI30K_LANGS = ("de", "en", "fr")
 
 
-class CorpusError(DataError):
-    """A corpus file is missing, unreadable, not UTF-8, empty, or misaligned with its partner."""
-
-
 def default_data_dir() -> Path:
     """Data folder: ``$ATTNLAB_DATA`` if set (read at each call), else the bundled corpora."""
     return Path(os.environ.get("ATTNLAB_DATA") or BUNDLED_DATA_DIR)
@@ -56,29 +50,10 @@ def read_lines(path: str | os.PathLike[str]) -> list[str]:
 
     Raises CorpusError for a missing file, a broken gzip stream, or invalid UTF-8; the message
     names the file and, for bad UTF-8, the 1-based line number. A leading byte-order mark is
-    dropped. Empty lines are kept, since they still hold a place in an aligned corpus.
+    dropped. Empty lines are kept, since they still hold a place in an aligned corpus. (The lines
+    are those of ``sources.iter_lines``, which streams them one at a time.)
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    lines: list[str] = []
-    try:
-        with opener(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise CorpusError(
-                        f"{path}, line {number}: invalid UTF-8 "
-                        f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}: {e.reason})"
-                    ) from None
-                if number == 1:
-                    line = line.removeprefix("\ufeff")
-                lines.append(line.strip())
-    except (OSError, EOFError, zlib.error) as e:
-        raise CorpusError(f"{path}: cannot read file ({e})") from e
-    return lines
+    return list(iter_lines(path))
 
 
 def read_parallel(

@@ -48,6 +48,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -562,7 +563,11 @@ def _folder_lock(out: Path) -> Iterator[None]:
     folder (two trainings filling the cache at once) would otherwise write the same files."""
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"{out} is being prepared by another process; waiting for it to finish", stacklevel=3)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

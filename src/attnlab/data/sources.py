@@ -25,9 +25,13 @@ from pathlib import Path
 
 from ..errors import DataError
 
-__all__ = ["Source", "resolve_source", "iter_lines", "count_lines", "file_digest"]
+__all__ = ["CorpusError", "Source", "resolve_source", "iter_lines", "count_lines", "file_digest"]
 
 _BLOCK = 1 << 20
+
+
+class CorpusError(DataError):
+    """A corpus file is missing, unreadable, not UTF-8, empty, or misaligned with its partner."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Source:
         """Number of sentence pairs; for a prefix, checks that the two files have as many lines."""
         counts = [count_lines(f) for f in self.files]
         if self.kind == "prefix" and counts[0] != counts[1]:
-            raise DataError(
+            raise CorpusError(
                 f"line counts differ: {self.files[0]} has {counts[0]} lines, "
                 f"{self.files[1]} has {counts[1]}; the two files of a prefix must be line-aligned"
             )
@@ -59,10 +63,10 @@ class Source:
         for number, src in enumerate(src_lines, start=1):
             tgt = next(tgt_lines, None)
             if tgt is None:
-                raise DataError(f"{tgt_path} ends at line {number - 1}, before {src_path} does")
+                raise CorpusError(f"{tgt_path} ends at line {number - 1}, before {src_path} does")
             yield src, tgt
         if next(tgt_lines, None) is not None:
-            raise DataError(f"{src_path} ends at line {number}, before {tgt_path} does")
+            raise CorpusError(f"{src_path} ends at line {number}, before {tgt_path} does")
 
 
 def resolve_source(spec: str | os.PathLike[str], src_lang: str, tgt_lang: str, *, flag: str = "") -> Source:
@@ -75,19 +79,19 @@ def resolve_source(spec: str | os.PathLike[str], src_lang: str, tgt_lang: str, *
     if text.endswith((".tsv", ".tsv.gz")):
         path = Path(text)
         if not path.is_file():
-            raise DataError(f"{where}{path}: no such file")
+            raise CorpusError(f"{where}{path}: no such file")
         return Source(text, "tsv", (path,))
     files = []
     for lang in (src_lang, tgt_lang):
         plain, packed = Path(f"{text}.{lang}"), Path(f"{text}.{lang}.gz")
         found = [p for p in (plain, packed) if p.is_file()]
         if not found:
-            raise DataError(
+            raise CorpusError(
                 f"{where}{plain} (or {packed.name}): no such file; a split is a prefix PREFIX with "
                 f"files PREFIX.{src_lang} and PREFIX.{tgt_lang} (plain or .gz), or a .tsv/.tsv.gz file"
             )
         if len(found) == 2:
-            raise DataError(f"{where}both {plain} and {packed} exist; keep one of them")
+            raise CorpusError(f"{where}both {plain} and {packed} exist; keep one of them")
         files.append(found[0])
     return Source(text, "prefix", tuple(files))
 
@@ -99,19 +103,19 @@ def _open_binary(path: Path):
 def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of each line; read errors (broken gzip) name the file."""
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise CorpusError(f"{path}: no such file")
     try:
         with _open_binary(path) as f:
             yield from enumerate(f, start=1)
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read file ({e})") from e
+        raise CorpusError(f"{path}: cannot read file ({e})") from e
 
 
 def _decode(path: Path, number: int, raw: bytes) -> str:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(
+        raise CorpusError(
             f"{path}, line {number}: invalid UTF-8 "
             f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}: {e.reason})"
         ) from None
@@ -130,7 +134,7 @@ def _tsv_pairs(path: Path) -> Iterator[tuple[str, str]]:
         line = _decode(path, number, raw).rstrip("\r\n")
         tabs = line.count("\t")
         if tabs != 1:
-            raise DataError(
+            raise CorpusError(
                 f"{path}, line {number}: expected source<TAB>target (one tab), found {tabs} tabs"
             )
         src, tgt = line.split("\t")
@@ -141,7 +145,7 @@ def count_lines(path: str | os.PathLike[str]) -> int:
     """Number of lines, as ``iter_lines`` yields them (a last line without ``\\n`` counts)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise CorpusError(f"{path}: no such file")
     count, last = 0, b"\n"
     try:
         with _open_binary(path) as f:
@@ -149,7 +153,7 @@ def count_lines(path: str | os.PathLike[str]) -> int:
                 count += block.count(b"\n")
                 last = block[-1:]
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read file ({e})") from e
+        raise CorpusError(f"{path}: cannot read file ({e})") from e
     return count + (last != b"\n")
 
 
@@ -162,5 +166,5 @@ def file_digest(path: str | os.PathLike[str]) -> dict[str, object]:
             while block := f.read(_BLOCK):
                 digest.update(block)
     except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e})") from e
+        raise CorpusError(f"{path}: cannot read file ({e})") from e
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}

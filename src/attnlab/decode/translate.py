@@ -177,12 +177,8 @@ class Translator:
         return SearchStart(step, fast_decode.start_decoding(packed, encoded))
 
     def _decoder(self) -> fast_decode.PackedDecoder:
-        """The decoder's packed weights: views of the parameters, or the int8 copy taken once."""
-        if not self.int8:
-            return fast_decode.pack_decoder(self.model)
-        if self._int8_decoder is None:
-            self._int8_decoder = fast_decode.pack_decoder(self.model, int8=True)
-        return self._int8_decoder
+        """The decoder's packed weights: views of the parameters, or the int8 copy taken at ``__init__``."""
+        return self._int8_decoder if self._int8_decoder is not None else fast_decode.pack_decoder(self.model)
 
     def _uncached_step(self, prefix: Tensor, encoded: Encoded) -> tuple[Tensor, Encoded]:
         logits = self.model.decode(prefix, encoded).logits  # (N, t, V)

@@ -11,7 +11,6 @@ decoder-only model on a text).
 from __future__ import annotations
 
 import random
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Protocol
@@ -105,7 +104,6 @@ class TranslationTask(Task):
         if not isinstance(config.task, TranslationSettings):
             raise ValueError(f"TranslationTask needs translation settings, got {config.kind!r}")
         s = config.task
-        started = time.perf_counter()
         if s.data:
             self.data = PreparedData.open(s.data, full_check=True)  # every file's hash: no edited array trains
             config = config.override(
@@ -119,7 +117,6 @@ class TranslationTask(Task):
             self.data = prepared_multi30k(s.src_lang, s.tgt_lang, vocab_size=s.vocab_size,
                                           shared_vocab=s.shared_vocab, data_dir=s.data_dir or None, progress=progress)
             self.name = "Multi30k"
-        self.prepare_seconds = time.perf_counter() - started
         self.config, self.settings = config, s = config, config.task
         self.src_vocab, self.tgt_vocab = self.data.src_vocab, self.data.tgt_vocab
         if vocab is not None and vocabs_from_dict(vocab) != (self.src_vocab, self.tgt_vocab):
@@ -129,10 +126,9 @@ class TranslationTask(Task):
 
         self.train_split = self.data.split("train")
         n = max(1, int(len(self.train_split) * s.train_fraction))
-        src_len, tgt_len = self._fitting(self.train_split, n)
-        self.train_index = np.flatnonzero(src_len >= 0).astype(np.int32)  # the split's pairs that fit
-        self.train_src_len = src_len[self.train_index] + 1  # + <eos>: what the encoder reads
-        self.train_tgt_len = tgt_len[self.train_index] + 1  # + <bos> (decoder input) or <eos> (output)
+        self.train_index = self._fitting(self.train_split, n)  # the split's pairs that fit
+        self.train_src_len = self.train_split.src_lengths[self.train_index] + 1  # + <eos>: what the encoder reads
+        self.train_tgt_len = self.train_split.tgt_lengths[self.train_index] + 1  # + <bos> (input) or <eos> (output)
         self.dropped = n - len(self.train_index)
         if not len(self.train_index):
             raise DataError(f"{self.data.path}: no training pair fits max_len={s.max_len} subwords (with <bos>/<eos>): "
@@ -140,29 +136,25 @@ class TranslationTask(Task):
 
         valid = self.data.split("valid")
         self.val = valid.texts()
-        src_len, _ = self._fitting(valid, len(valid))
-        kept = np.flatnonzero(src_len >= 0).tolist()
-        if not kept:  # never a validation loss of 0 over no pairs
+        kept = self._fitting(valid, len(valid))
+        if not len(kept):  # never a validation loss of 0 over no pairs
             raise DataError(f"{self.data.path}: no validation pair fits max_len={s.max_len} subwords (with "
                             f"<bos>/<eos>): all {len(valid)} were left out; raise --max-len")
-        self.val_src = [self._source(valid, i) for i in kept]
-        self.val_tgt = [self._target(valid, i) for i in kept]
+        self.val_pairs = self._with_specials(valid.read_pairs(kept.tolist()))
 
-    def _fitting(self, split: PreparedSplit, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``n`` pairs' lengths, -1 for pairs that do not fit the model's positions.
+    def _fitting(self, split: PreparedSplit, n: int) -> np.ndarray:
+        """Positions (int32) among the first ``n`` pairs of those that fit the model's positions.
 
         Training leaves such pairs out rather than cutting them: a cut target teaches the model to
         stop mid-sentence. ``describe`` reports how many were left out.
         """
-        src_len, tgt_len = split.src_lengths[:n], split.tgt_lengths[:n]  # int32
-        fits = (src_len < self.settings.max_len) & (tgt_len < self.settings.max_len - 1)  # + <eos>; <bos>, <eos>
-        return np.where(fits, src_len, -1), np.where(fits, tgt_len, -1)
+        fits = (split.src_lengths[:n] < self.settings.max_len) & (split.tgt_lengths[:n] < self.settings.max_len - 1)
+        return np.flatnonzero(fits).astype(np.int32)  # source + <eos>; <bos> + target + <eos>
 
-    def _source(self, split: PreparedSplit, i: int) -> list[int]:
-        return [*split.src(i).tolist(), self.src_vocab.eos_id]
-
-    def _target(self, split: PreparedSplit, i: int) -> list[int]:
-        return [self.tgt_vocab.bos_id, *split.tgt(i).tolist(), self.tgt_vocab.eos_id]
+    def _with_specials(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[list[int], list[int]]]:
+        """(source ids + <eos>, <bos> + target ids + <eos>): what the model reads and predicts."""
+        eos, bos, tgt_eos = self.src_vocab.eos_id, self.tgt_vocab.bos_id, self.tgt_vocab.eos_id
+        return [([*src.tolist(), eos], [bos, *tgt.tolist(), tgt_eos]) for src, tgt in pairs]
 
     def data_info(self) -> dict[str, Any]:
         """Which prepared data the run trains on; stored in every checkpoint's config.json."""
@@ -194,10 +186,8 @@ class TranslationTask(Task):
 
     def to_tensors(self, batch: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
         """The batch's token ids, read from the prepared files into padded tensors."""
-        eos, bos = self.src_vocab.eos_id, self.tgt_vocab.bos_id
-        pairs = [([*src.tolist(), eos], [bos, *tgt.tolist(), self.tgt_vocab.eos_id])
-                 for src, tgt in self.train_split.read_pairs(self.train_index[batch].tolist())]
-        src, tgt = collate(pairs, self.pad_id)
+        pairs = self.train_split.read_pairs(self.train_index[batch].tolist())
+        src, tgt = collate(self._with_specials(pairs), self.pad_id)
         return src.to(device), tgt.to(device)  # (B, S), (B, T + 1)
 
     def loss(self, model: nn.Module, tensors: tuple[Tensor, Tensor]) -> LossStats:
@@ -215,8 +205,8 @@ class TranslationTask(Task):
         """Validation loss and perplexity (teacher forcing) and greedy BLEU on validation sentences."""
         total, tokens = 0.0, 0
         with _evaluation_mode(model):
-            for k in range(0, len(self.val_src), 128):
-                src, tgt = collate(list(zip(self.val_src[k : k + 128], self.val_tgt[k : k + 128])), self.pad_id)
+            for k in range(0, len(self.val_pairs), 128):
+                src, tgt = collate(self.val_pairs[k : k + 128], self.pad_id)
                 src, tgt = src.to(device), tgt.to(device)
                 loss_sum, n = label_smoothed_loss(model(src, tgt[:, :-1]), tgt[:, 1:], self.pad_id, 0.0)
                 total, tokens = total + float(loss_sum), tokens + int(n)
