@@ -16,6 +16,11 @@ hypotheses. Its time includes tokenizing and detokenizing, as attnlab's does.
 
 For each search (beam 4, greedy) the systems run ``--rounds`` times, taking turns (the first of a
 round moves along each round), after one untimed warm-up each; the figures are the median round.
+Each timed run starts after ``--pause`` seconds of rest: CTranslate2's OpenMP threads keep spinning
+for 200 ms after a call returns (Intel OpenMP's default KMP_BLOCKTIME), and with two threads that
+took a core from whichever system ran next in the same process (attnlab beam 4 on the tiny model:
+4.43 s right after CTranslate2, 3.34 s with KMP_BLOCKTIME=0, which in turn slowed CTranslate2
+from 2.18 s to 2.63 s; the pause leaves both their defaults).
 It prints sentences/s, target tokens/s (the outputs' subwords, EOS not counted), sacreBLEU (cased
 and lowercased), the share of outputs identical to attnlab float32's, and attnlab's speed over
 CTranslate2's.
@@ -50,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ct2-batch-size", type=int, default=1024)
     parser.add_argument("--ct2-batch-type", default="tokens", choices=["tokens", "examples"])
     parser.add_argument("--export", default=None, help="folder for the CTranslate2 model (default: temporary)")
+    parser.add_argument("--pause", type=float, default=0.5,
+                        help="seconds of rest before each timed run, so that it starts on a quiet machine")
     return parser.parse_args()
 
 
@@ -156,6 +163,7 @@ def run(loaded, model_dir: Path, sources: list[str], references: list[str]) -> N
         outputs: dict[str, list[str]] = {}
         for r in range(ARGS.rounds):
             for system in live[r % len(live):] + live[: r % len(live)]:
+                time.sleep(ARGS.pause)  # the previous system's spinning threads (see the docstring) fall asleep
                 out, took = timed(system.translate, sources, beam)
                 seconds[system.name].append(took)
                 if outputs.setdefault(system.name, out) != out:

@@ -342,3 +342,38 @@ def test_shrinking_search_equals_the_search_that_stepped_every_row(seed):
             got = beam_search(step, start, **common, beam_size=beam, alpha=alpha, n_best=n_best)
             want = reference_beam_search(step, start, **common, beam_size=beam, alpha=alpha, n_best=n_best)
             assert got == want, (alpha, n_best)
+
+
+@pytest.mark.parametrize("seed, vocab", [(0, 2048), (1, 2007), (2, 4096)])
+def test_search_over_a_large_vocabulary_equals_the_reference(seed, vocab):
+    # From 1024 scores a row, search selects by group maxima (search._top_k, search._argmax): the same
+    # hypotheses as the reference's plain topk/argmax, a vocabulary size that 16 does not divide included.
+    from reference_search import reference_beam_search, reference_greedy_search
+
+    limits = torch.tensor([4, 7, 5])
+    common = dict(batch_size=3, bos_id=1, eos_id=2, max_len=limits, pad_id=0)
+    step = _table_step(seed, vocab=vocab, eos_boost=7.0)
+    start = _Rows(torch.arange(3))
+    assert greedy_search(step, start, **common) == reference_greedy_search(step, start, **common)
+    for beam in (2, 4):
+        got = beam_search(step, start, **common, beam_size=beam, alpha=0.6, n_best=2)
+        assert got == reference_beam_search(step, start, **common, beam_size=beam, alpha=0.6, n_best=2)
+
+
+@pytest.mark.parametrize("width", [1000, 1024, 4000, 4003, 16000])
+def test_selection_by_group_maxima_equals_topk_and_argmax(width):
+    from attnlab.decode.search import _argmax, _top_k
+
+    g = torch.Generator().manual_seed(width)
+    scores = torch.randn(6, width, generator=g)
+    scores[0, :] = float("-inf")  # a row with nothing finite but one score
+    scores[0, width // 2] = 0.0
+    scores[1, torch.randperm(width, generator=g)[: width // 2]] = float("-inf")
+    scores[2, -1] = 10.0  # the best in the last positions (outside the 16 groups when 16 does not divide)
+    for k in (1, 8, 10):
+        values, positions = _top_k(scores, k)
+        want_values, want_positions = scores.topk(k, dim=-1)
+        assert torch.equal(values[1:], want_values[1:]) and torch.equal(positions[1:], want_positions[1:])
+        assert torch.equal(values[0], want_values[0])  # row 0: one finite score, then -inf ties
+        assert positions[0, 0] == width // 2
+    assert torch.equal(_argmax(scores), scores.argmax(dim=-1))

@@ -160,14 +160,35 @@ def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_f
     for i, index in enumerate(selections):
         if index is not None:
             lean, modules, rows = lean.select(index), modules.select(index), rows[index]
-        groups.append((lean.rows_per_source, len(lean.src_mask)))
+        sources = None if lean.sources is None else lean.sources.tolist()
+        groups.append((lean.rows_per_source, len(lean.src_mask), sources))
         logits, lean = fast_decode.decoder_step(packed, tokens[rows, i : i + 1], lean)
         expected, modules, _, _ = model.decode_step(tokens[rows, i : i + 1], modules)
         torch.testing.assert_close(logits, expected[:, 0], atol=1e-5, rtol=0)
     assert lean.length == modules.length == len(selections)
-    # The sources' keys/values stay one per source while the rows keep in groups of three (beams),
-    # follow the sentences that remain, and go one per row once the groups are split.
-    assert groups == [(3, 3), (3, 3), (3, 3), (3, 2), (1, 4)]
+    # The sources' keys/values stay one per source while the rows keep in groups of three (beams); when
+    # two of the three sentences remain they stay in place, the groups naming their sources (0 and 2);
+    # once the groups are split and repeated they are gathered, one per row.
+    assert groups == [(3, 3, None), (3, 3, None), (3, 3, None), (3, 3, [0, 2]), (1, 4, None)]
+
+
+def test_sources_keys_and_values_are_gathered_once_fewer_than_half_are_read():
+    model = _transformer(False, False)
+    packed = fast_decode.pack_decoder(model)
+    sources = SOURCES + SOURCES[:1]  # four sentences, one row each (greedy search)
+    encoded = model.encode(pad_sequences(sources, PAD))
+    lean, modules = fast_decode.start_decoding(packed, encoded), model.start_decoding(encoded)
+    tokens = torch.randint(3, 40, (4, 4), generator=torch.Generator().manual_seed(3))
+    rows, seen = torch.arange(4), []
+    for i, index in enumerate([None, torch.tensor([0, 2, 3]), torch.tensor([0, 2]), torch.tensor([1])]):
+        if index is not None:
+            lean, modules, rows = lean.select(index), modules.select(index), rows[index]
+        seen.append((len(lean.src_mask), None if lean.sources is None else lean.sources.tolist()))
+        logits, lean = fast_decode.decoder_step(packed, tokens[rows, i : i + 1], lean)
+        expected, modules, _, _ = model.decode_step(tokens[rows, i : i + 1], modules)
+        torch.testing.assert_close(logits, expected[:, 0], atol=1e-5, rtol=0)
+    # 3 of 4 read: in place; 2 of 4 (half): in place; 1 of 4: gathered.
+    assert seen == [(4, None), (4, [0, 2, 3]), (4, [0, 3]), (1, None)]
 
 
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)

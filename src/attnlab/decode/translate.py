@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Sequence
 
 import sacrebleu
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.batching import pad_sequences
@@ -37,6 +38,12 @@ __all__ = ["DecodeConfig", "SearchStart", "Translator", "load_translator", "bleu
 # Measured on runs/tiny, one thread: greedy at 256 sentences a batch ran about 1.4x faster than at
 # 64 with identical output; beyond 256 rows the gain flattens while the padding of a batch grows.
 ROWS_PER_BATCH = 256
+# Source tokens (padding included) encoded together: a decoding batch of 256 short sentences is encoded
+# in pieces of about this many tokens, each padded to its own longest source, not to the batch's.
+# Measured on test_2016_flickr in greedy batches of 256 sentences, one thread: runs/de-en encoded them in
+# 1.08 s in pieces of 1024 tokens against 1.52 s whole (1.14 s at 256 tokens, 1.14 s at 2048), runs/tiny
+# in 0.20 s against 0.30 s.
+ENCODE_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -143,26 +150,48 @@ class Translator:
             self.model.train(was_training)
 
     def _search(self, sources: list[list[int]], config: DecodeConfig) -> list[list[int]]:
-        src = pad_sequences(sources, self.model.config.pad_id).to(self.device)  # (B, S)
-        step, state = self.start_search(self.model.encode(src), config.use_cache)
+        greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised
+        step, state = self.start_search(self._encode(sources), config.use_cache, log_probs=not greedy)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,
             device=self.device,
         )
-        if config.beam_size == 1:
+        if greedy:
             return greedy_search(**search)
         return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha)]
+
+    def _encode(self, sources: list[list[int]]) -> Encoded:
+        """The sources encoded in consecutive pieces of at most ``ENCODE_TOKENS`` padded tokens (at
+        least one sentence each), their memories padded to the longest source (masked there)."""
+        pad_id = self.model.config.pad_id
+        pieces: list[Encoded] = []
+        start = 0
+        while start < len(sources):
+            end, longest = start + 1, len(sources[start])
+            while end < len(sources) and max(longest, len(sources[end])) * (end + 1 - start) <= ENCODE_TOKENS:
+                longest = max(longest, len(sources[end]))
+                end += 1
+            pieces.append(self.model.encode(pad_sequences(sources[start:end], pad_id).to(self.device)))
+            start = end
+        if len(pieces) == 1:
+            return pieces[0]
+        S = max(piece.memory.size(1) for piece in pieces)
+        memory = torch.cat([F.pad(p.memory, (0, 0, 0, S - p.memory.size(1))) for p in pieces])  # (B, S, E)
+        src_mask = torch.cat([F.pad(p.src_mask, (0, S - p.src_mask.size(-1))) for p in pieces])  # (B, 1, 1, S)
+        return Encoded(memory, src_mask, None)
 
     def max_lengths(self, sources: list[list[int]], config: DecodeConfig) -> Tensor:
         """Each translation's length limit: its source's length + ``extra_len``, within the model's positions."""
         lengths = torch.tensor([len(s) for s in sources], device=self.device)  # (B,)
         return torch.clamp(lengths + config.extra_len, max=self.model.config.max_len - 1)
 
-    def start_search(self, encoded: Encoded, use_cache: bool = True) -> SearchStart:
+    def start_search(self, encoded: Encoded, use_cache: bool = True, log_probs: bool = True) -> SearchStart:
         """The step function and first state of a search from the encoded sources (the model in
         evaluation mode): the lean step with its cache, or with ``use_cache=False`` the modules
-        re-reading the whole prefix at every step (the reference the lean step is tested against)."""
+        re-reading the whole prefix at every step (the reference the lean step is tested against).
+        The step returns log-probabilities, or with ``log_probs=False`` the logits (which greedy
+        search, comparing a row's scores only, can use as they are)."""
         if not use_cache:
             if self.int8:
                 raise ConfigError("int8 decoding runs through the cached lean step: use_cache=False is the "
@@ -172,7 +201,7 @@ class Translator:
 
         def step(prefix: Tensor, state: fast_decode.LeanDecoderState) -> tuple[Tensor, fast_decode.LeanDecoderState]:
             logits, state = fast_decode.decoder_step(packed, prefix[:, state.length :], state)  # (N, V)
-            return logits.log_softmax(dim=-1), state
+            return (logits.log_softmax(dim=-1) if log_probs else logits), state
 
         return SearchStart(step, fast_decode.start_decoding(packed, encoded))
 

@@ -357,7 +357,8 @@ def _apply(x: Tensor, weights: Weights) -> Tensor:
 
 
 class LeanDecoderState(NamedTuple):
-    """What ``decoder_step`` carries from token to token, as a value. Row r reads source r // G."""
+    """What ``decoder_step`` carries from token to token, as a value. Row r reads source r // G: the
+    memory row ``sources[r // G]``, or r // G itself when ``sources`` is None."""
 
     memory_kv: tuple[KV, ...]  # per layer: cross-attention keys/values, one per source, (Bs, H, S, D)
     src_mask: Tensor  # (Bs, 1, 1, S), True = a source position the decoder may attend to
@@ -365,20 +366,29 @@ class LeanDecoderState(NamedTuple):
     self_kv: tuple[KV, ...] | None  # per layer: the self-attention cache, (N_cache, H, t, D)
     rows: Tensor | None  # the cache rows the next step continues, (N,); None: all, in order
     length: int  # target positions decoded so far
+    sources: Tensor | None = None  # the memory row each group of G rows reads, (N / G,); None: all, in order
 
     def select(self, index: Tensor) -> "LeanDecoderState":
         """Keep (or repeat, or reorder) rows, as ``DecoderState.select`` does. The cache is gathered by
-        the next step; the sources' keys/values only when the rows leave or split a source's group."""
+        the next step. The sources' keys/values stay where they are while at least half of them are
+        still read, each group of rows naming its own (``sources``); they are gathered (once) when
+        fewer are left, or when rows of one source split or repeat it."""
         rows = index if self.rows is None else self.rows.index_select(0, index)
-        sources = [row // self.rows_per_source for row in index.tolist()]  # the source each row reads
-        G = _group_size(sources)
-        kept = sources[::G]
-        memory_kv, src_mask = self.memory_kv, self.src_mask
-        if kept != list(range(src_mask.size(0))):
+        groups = [row // self.rows_per_source for row in index.tolist()]  # the group each row continues
+        G = _group_size(groups)
+        kept = groups[::G]
+        if self.sources is not None:
+            kept = self.sources[kept].tolist()  # in memory rows
+        memory_kv, src_mask, sources = self.memory_kv, self.src_mask, None
+        Bs = src_mask.size(0)
+        if kept != list(range(Bs)):
             which = torch.tensor(kept, device=index.device)
-            memory_kv = tuple(kv.select(which) for kv in memory_kv)
-            src_mask = src_mask.index_select(0, which)
-        return LeanDecoderState(memory_kv, src_mask, G, self.self_kv, rows, self.length)
+            if 2 * len(kept) >= Bs and len(set(kept)) == len(kept):
+                sources = which
+            else:
+                memory_kv = tuple(kv.select(which) for kv in memory_kv)
+                src_mask = src_mask.index_select(0, which)
+        return LeanDecoderState(memory_kv, src_mask, G, self.self_kv, rows, self.length, sources)
 
 
 def _group_size(sources: list[int]) -> int:
@@ -434,15 +444,23 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState)
     """
     N, T = tokens.shape
     t, G = state.length, state.rows_per_source
-    Bs = state.src_mask.size(0)
-    if T != 1 or N != Bs * G:
-        raise ValueError(f"decoder_step takes one token for each of the state's {Bs * G} rows, got {tuple(tokens.shape)}")
+    Bs = state.src_mask.size(0)  # memory rows
+    groups = Bs if state.sources is None else state.sources.size(0)  # sources read, N / G
+    if T != 1 or N != groups * G:
+        raise ValueError(f"decoder_step takes one token for each of the state's {groups * G} rows, "
+                         f"got {tuple(tokens.shape)}")
     if t + 1 > packed.positions.size(0):
         raise ValueError(f"{t + 1} positions do not fit the model's {packed.positions.size(0)}")
     H, E = packed.num_heads, packed.embedding.size(1)
     D = E // H
     x = torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)  # (N, E)
     pasts = state.self_kv or (None,) * len(packed.layers)
+    # The source mask as an additive bias, 0 or -inf, (Bs, 1, 1, S): cross-attention is written out as two
+    # batched products around a softmax, which for one query per row is faster on the CPU than the fused
+    # kernel (every source has a position to attend to: ``start_decoding`` checks it).
+    src_bias = torch.zeros(state.src_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~state.src_mask,
+                                                                                           float("-inf"))
+    scale = 1.0 / math.sqrt(D)
     new_kv = []
     for layer, memory, past in zip(packed.layers, state.memory_kv, pasts):
         # Masked self-attention: the one new query sees every cached position.
@@ -456,9 +474,15 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState)
             x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
         # Cross-attention: the G rows of a source are G queries of one attention over its keys/values.
         h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
-        q = _apply(h, layer.cross_q).view(Bs, G, H, D).transpose(1, 2)  # (Bs, H, G, D)
-        attended = F.scaled_dot_product_attention(q, memory.k, memory.v, attn_mask=state.src_mask)  # (Bs, H, G, D)
-        x = _apply(attended.transpose(1, 2).reshape(N, E), layer.cross_out).add_(x)
+        q = _apply(h, layer.cross_q).view(groups, G, E)
+        if state.sources is not None:  # each group's queries in its memory row; the rows no group reads stay 0
+            q = q.new_zeros(Bs, G, E).index_copy_(0, state.sources, q)
+        q = q.view(Bs, G, H, D).transpose(1, 2).mul(scale)  # (Bs, H, G, D)
+        weights = torch.matmul(q, memory.k.transpose(-1, -2)).add_(src_bias).softmax(dim=-1)  # (Bs, H, G, S)
+        attended = torch.matmul(weights, memory.v).transpose(1, 2)  # (Bs, G, H, D)
+        if state.sources is not None:
+            attended = attended.index_select(0, state.sources)  # (N / G, G, H, D)
+        x = _apply(attended.reshape(N, E), layer.cross_out).add_(x)
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
         # Feed-forward.
@@ -469,5 +493,5 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState)
         new_kv.append(KV(k, v))
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
-    state = LeanDecoderState(state.memory_kv, state.src_mask, G, tuple(new_kv), None, t + 1)
+    state = LeanDecoderState(state.memory_kv, state.src_mask, G, tuple(new_kv), None, t + 1, state.sources)
     return _apply(x, packed.output), state  # (N, V)

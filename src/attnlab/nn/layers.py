@@ -110,7 +110,8 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.dropout(self.activation(self.w_1(x))))
+        # In place: the hidden layer is a fresh tensor, and ReLU's backward reads only its output.
+        return self.w_2(self.dropout(self.activation(self.w_1(x), inplace=True)))
 
 
 class EncoderLayerResult(NamedTuple):
