@@ -19,21 +19,23 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the attnlab command sets it, before torch loads
+from attnlab.app.process import set_process_defaults  # no torch inside
+
+set_process_defaults()  # as the attnlab command sets them, before torch loads
 
 import torch  # noqa: E402
 
-from attnlab.data.corpus import load_multi30k
-from attnlab.decode.generate import (
+from attnlab.data.corpus import load_multi30k  # noqa: E402
+from attnlab.decode.generate import (  # noqa: E402
     _Window,
     _window_start,
     generate,
     load_language_model,
 )
-from attnlab.decode.load import load_checkpoint
-from attnlab.decode.search import sample
-from attnlab.decode.translate import DecodeConfig, load_translator
-from attnlab.nn import fast_decode
+from attnlab.decode.load import load_checkpoint  # noqa: E402
+from attnlab.decode.search import sample  # noqa: E402
+from attnlab.decode.translate import DecodeConfig, load_translator  # noqa: E402
+from attnlab.nn import fast_decode  # noqa: E402
 
 
 def timed(fn):

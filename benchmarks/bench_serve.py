@@ -32,7 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the attnlab command sets it, before torch loads
+from attnlab.app.process import set_process_defaults  # no torch inside
+
+set_process_defaults()  # as the attnlab command sets them, before torch loads
 
 import httpx  # noqa: E402
 import torch  # noqa: E402

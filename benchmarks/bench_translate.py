@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from attnlab.app.process import set_process_defaults  # no torch inside
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +65,7 @@ def parse_args() -> argparse.Namespace:
 ARGS = parse_args()
 # Process settings of this program, made before the libraries load: one or two threads for every
 # system, the tokenizers' Rust thread pool included (attnlab and CTranslate2 tokenize alike).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the attnlab command sets it
+set_process_defaults()  # as the attnlab command sets them (OMP_WAIT_POLICY, freed memory kept)
 os.environ.setdefault("RAYON_NUM_THREADS", str(ARGS.threads))
 
 import ctranslate2  # noqa: E402

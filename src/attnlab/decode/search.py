@@ -94,7 +94,6 @@ def greedy_search(
     return results
 
 
-
 # -- fast selection over a large vocabulary -------------------------------------------------------------
 #
 # On the CPU, ``topk`` and ``argmax`` over a row of V scores cost about 2 ns a score (they compare one
