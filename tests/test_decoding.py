@@ -377,3 +377,20 @@ def test_selection_by_group_maxima_equals_topk_and_argmax(width):
         assert torch.equal(values[0], want_values[0])  # row 0: one finite score, then -inf ties
         assert positions[0, 0] == width // 2
     assert torch.equal(_argmax(scores), scores.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("beam, use_cache", [(1, True), (3, True), (3, False)])
+def test_sources_encoded_in_pieces_translate_as_encoded_whole(translator, monkeypatch, beam, use_cache):
+    import attnlab.decode.translate as translate_module
+
+    sources = [[5, 6, 7, 8, EOS], [9, 10, EOS], [11, 12, 13, 14, 15, 16, EOS], [17, EOS], [18, 19, 20, EOS]]
+    config = DecodeConfig(beam_size=beam, extra_len=8, use_cache=use_cache)
+    whole = translator.translate_ids(sources, config)
+    encoded_whole = translator.run_encoder(sources)
+    monkeypatch.setattr(translate_module, "ENCODE_TOKENS", 10)  # pieces of two, one and two sentences
+    pieces = translator.run_encoder(sources)
+    # The memory is padded to the longest source and masked there; real positions equal the whole batch's.
+    assert torch.equal(pieces.src_mask, encoded_whole.src_mask)
+    real = pieces.src_mask[:, 0, 0, :, None].expand_as(pieces.memory)
+    torch.testing.assert_close(pieces.memory[real], encoded_whole.memory[real], atol=1e-5, rtol=0)
+    assert translator.translate_ids(sources, config) == whole

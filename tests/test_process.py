@@ -5,6 +5,7 @@ this machine's proactive reclaim makes their count vary from run to run); see th
 """
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,7 @@ def _run(code: str, **env: str) -> list[str]:
     return done.stdout.split()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="keeping freed memory is a setting of glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keeping freed memory is a setting of glibc's malloc")
 def test_freed_memory_is_kept_unless_the_user_set_malloc_up():
     code = "from attnlab.app.process import keep_freed_memory\nprint(keep_freed_memory())"
     assert _run(code) == ["True"]

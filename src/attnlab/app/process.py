@@ -36,9 +36,10 @@ def set_process_defaults() -> None:
 
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse (up to 1 GiB) instead of returning it to the
-    kernel at once, and to map only blocks of 32 MiB or more on their own. Returns whether it was set:
-    False where the C library is not glibc (nothing to do there) or where the user has set malloc's
-    own environment variables (theirs stand)."""
+    kernel at once, and to map only blocks of 32 MiB or more on their own. Returns whether both were
+    set: False where the C library is not glibc (nothing to do there; musl's ``mallopt`` does
+    nothing and says so), or where the user has set any of malloc's environment variables, or any
+    glibc tunable (``GLIBC_TUNABLES``): the user's own allocator settings stand, whole."""
     if any(name in os.environ for name in _USER_SETTINGS):
         return False
     try:
@@ -46,4 +47,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # no C library by that name, or one without mallopt (macOS)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM))
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))
+    mapped = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM))  # refused where 32 MiB is above the limit (32 bits)
+    return kept and mapped

@@ -1,19 +1,16 @@
 """The beam's n best translations of a batch of sources, with their scores.
 
 ``Translator.translate_ids`` returns the tokens of the best hypothesis only. ``translate_n_best``
-runs the very same search (the translator's ``start_search``, the same length limit:
-``Translator.max_lengths``) and keeps the ``n_best`` best finished hypotheses of
+runs the very same search (the translator's ``run_encoder`` and ``start_search``, the same length
+limit: ``Translator.max_lengths``) and keeps the ``n_best`` best finished hypotheses of
 each sentence with their scores (log-probability / GNMT length penalty), best first. Its best
 hypothesis is the translation ``translate_ids`` gives; a test holds the two equal.
-
-Shape legend: B sentences, S source length.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..data.batching import pad_sequences
 from .search import Hypothesis, beam_search
 from .translate import DecodeConfig, Translator
 
@@ -26,7 +23,8 @@ def translate_n_best(
 ) -> list[list[Hypothesis]]:
     """For each source id list (with EOS, as ``Translator.encode_source`` gives), its best
     ``n_best`` hypotheses (at most ``config.beam_size``), best first. Always a beam search: with
-    beam size 1 it picks exactly what greedy search picks, and gives the score as well."""
+    beam size 1 it picks what greedy search picks (but for exact ties between two tokens' scores), and
+    gives the score as well."""
     if not 1 <= n_best <= config.beam_size:
         raise ValueError(f"n_best must be in 1..beam size ({config.beam_size}), got {n_best}")
     if not sources:
@@ -35,8 +33,7 @@ def translate_n_best(
     was_training = model.training
     model.eval()
     try:
-        src = pad_sequences(sources, model.config.pad_id).to(translator.device)  # (B, S)
-        step, state = translator.start_search(model.encode(src), config.use_cache)
+        step, state = translator.start_search(translator.run_encoder(sources), config.use_cache)
         vocab = translator.tgt_vocab
         best = beam_search(
             step, state, len(sources), vocab.bos_id, vocab.eos_id, translator.max_lengths(sources, config),

@@ -13,7 +13,8 @@ never depend on the other rows of the batch (tests/test_decoding.py holds a batc
 sentence decoded alone; only floating-point rounding of different batch shapes could split a tie).
 
 Greedy and beam search never emit BOS or PAD (``pad_id`` is required): those tokens are given
-log-probability −inf before each choice, so that beam size 1 and greedy search pick alike.
+log-probability −inf before each choice, so that beam size 1 and greedy search pick alike (but for
+exact ties between two tokens' scores, which each may break its own way).
 
 Shape legend: B sentences, K beams, N rows (B or B·K), t tokens so far, V vocab size.
 """
@@ -96,13 +97,14 @@ def greedy_search(
 
 # -- fast selection over a large vocabulary -------------------------------------------------------------
 #
-# On the CPU, ``topk`` and ``argmax`` over a row of V scores cost about 2 ns a score (they compare one
+# On the CPU, ``topk`` and ``argmax`` over a row of L scores cost about 2 ns a score (they compare one
 # score at a time), while ``amax`` across rows of a (rows, 16, L / 16) view is vectorized and ten times
-# cheaper. So both first take the maxima of 16 interleaved groups (group j holds positions j, j + L/16,
-# j + 2L/16, ...), keep the k groups with the largest maxima, and select among their 16k scores only.
-# The k largest scores lie in those groups: a group holding one of them has a maximum at least as large,
-# and fewer than k groups have a larger maximum (each would hold a larger score). The values returned are
-# exactly ``topk``'s; only where two scores are exactly equal may another one of them be named.
+# cheaper. So both first take the maxima of L / 16 interleaved groups of 16 scores (group j holds
+# positions j, j + L/16, j + 2L/16, ...), keep the k groups with the largest maxima, and select among
+# their 16k scores only. The k largest scores lie in those groups: a group holding one of them has a
+# maximum at least as large, and fewer than k groups have a larger maximum (each would hold a larger
+# score). The values returned are exactly ``topk``'s; only where two scores are exactly equal may
+# another of them be named. On a GPU ``topk`` and ``argmax`` are fast already and run as they are.
 
 _GROUPS = 16
 _PRUNE_FROM = 1024  # scores per row from which selecting by groups pays
@@ -112,7 +114,7 @@ def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``scores.topk(k, dim=-1)`` for (rows, L) scores: values and positions, best first."""
     rows, L = scores.shape
     width = L // _GROUPS  # positions per group, in the first _GROUPS * width positions
-    if L < _PRUNE_FROM or k * _GROUPS * 4 > L:
+    if L < _PRUNE_FROM or k * _GROUPS * 4 > L or scores.device.type != "cpu":
         return scores.topk(k, dim=-1)
     body = scores[:, : _GROUPS * width].view(rows, _GROUPS, width)
     groups = body.amax(dim=1).topk(k, dim=-1).indices  # (rows, k) the groups with the k largest maxima
@@ -129,7 +131,7 @@ def _argmax(scores: Tensor) -> Tensor:
     """``scores.argmax(dim=-1)`` for (rows, V) scores, selecting by groups (above) on a large vocabulary."""
     rows, V = scores.shape
     width = V // _GROUPS
-    if V < _PRUNE_FROM or V % _GROUPS:
+    if V < _PRUNE_FROM or V % _GROUPS or scores.device.type != "cpu":
         return scores.argmax(dim=-1)
     grouped = scores.view(rows, _GROUPS, width)
     group = grouped.amax(dim=1).argmax(dim=-1)  # (rows,) a group holding the row's maximum

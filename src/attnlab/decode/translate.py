@@ -81,7 +81,7 @@ class DecodeConfig:
 class SearchStart(NamedTuple):
     """What a search over one encoded batch starts from (``Translator.start_search``)."""
 
-    step: StepFn  # (prefix (N, t), state) -> (log-probabilities (N, V), state)
+    step: StepFn  # (prefix (N, t), state) -> (log-probabilities, or logits when asked, (N, V), state)
     state: Any  # the state of the batch's B rows
 
 
@@ -151,7 +151,7 @@ class Translator:
 
     def _search(self, sources: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised
-        step, state = self.start_search(self._encode(sources), config.use_cache, log_probs=not greedy)
+        step, state = self.start_search(self.run_encoder(sources), config.use_cache, log_probs=not greedy)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,
@@ -161,9 +161,10 @@ class Translator:
             return greedy_search(**search)
         return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha)]
 
-    def _encode(self, sources: list[list[int]]) -> Encoded:
-        """The sources encoded in consecutive pieces of at most ``ENCODE_TOKENS`` padded tokens (at
-        least one sentence each), their memories padded to the longest source (masked there)."""
+    def run_encoder(self, sources: list[list[int]]) -> Encoded:
+        """The source id lists encoded (the model in evaluation mode) in consecutive pieces of at most
+        ``ENCODE_TOKENS`` padded tokens (at least one sentence each), their memories then padded to the
+        longest source (and masked there): what every search of this translator starts from."""
         pad_id = self.model.config.pad_id
         pieces: list[Encoded] = []
         start = 0

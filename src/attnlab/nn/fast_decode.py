@@ -371,8 +371,8 @@ class LeanDecoderState(NamedTuple):
     def select(self, index: Tensor) -> "LeanDecoderState":
         """Keep (or repeat, or reorder) rows, as ``DecoderState.select`` does. The cache is gathered by
         the next step. The sources' keys/values stay where they are while at least half of them are
-        still read, each group of rows naming its own (``sources``); they are gathered (once) when
-        fewer are left, or when rows of one source split or repeat it."""
+        still read, each group of rows naming its own (``sources``); they are gathered when fewer are
+        left, or when rows of one source split or repeat it."""
         rows = index if self.rows is None else self.rows.index_select(0, index)
         groups = [row // self.rows_per_source for row in index.tolist()]  # the group each row continues
         G = _group_size(groups)
