@@ -12,20 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.decode.search import Hypothesis, length_penalty
-
-
-def _as_lengths(max_len: int | Tensor, batch: int, device: torch.device) -> Tensor:
-    lengths = torch.as_tensor(max_len, device=device).expand(batch).clone()
-    if (lengths < 1).any():
-        raise ValueError("max_len must be at least 1 token")
-    return lengths
-
-
-def _never_emitted(bos_id: int, eos_id: int, pad_id: int, device: torch.device) -> Tensor:
-    """The ids search must never choose: BOS and PAD (EOS always stays choosable)."""
-    ids = sorted({i for i in (bos_id, pad_id) if i != eos_id})
-    return torch.tensor(ids, dtype=torch.long, device=device)
+from attnlab.decode.search import (
+    Hypothesis,
+    _as_lengths,
+    _never_emitted,
+    length_penalty,
+)
 
 
 @torch.no_grad()

@@ -85,23 +85,37 @@ def _check_norm(norm: nn.Module, E: int, where: str) -> Affine:
     return norm.weight, norm.bias
 
 
-def _check_layer(layer: nn.Module, config, index: int) -> _PackedLayer:
-    """Every assumption ``step`` makes about one layer, checked; then the layer's weights."""
-    where = f"layer {index}"
-    _require(type(layer) is EncoderLayer, f"{where} is an EncoderLayer, found {type(layer).__name__}")
-    children = {name for name, _ in layer.named_children()}
-    _require(children == _LAYER_CHILDREN, f"{where} has exactly the modules {sorted(_LAYER_CHILDREN)}, "
-             f"found {sorted(children)}")
-    _require(layer.norm_first == config.norm_first,
-             f"{where} places its norms as the config says (norm_first={config.norm_first})")
-    attn, ff, E = layer.self_attn, layer.feed_forward, config.d_model
+def _check_attention(attn: nn.Module, config, where: str) -> MultiHeadAttention:
+    E = config.d_model
     _require(type(attn) is MultiHeadAttention and attn.d_model == E and attn.num_heads == config.num_heads,
-             f"{where}'s attention splits d_model={E} into num_heads={config.num_heads} heads")
-    _require(attn.in_proj_bias is not None and attn.w_o.bias is not None,
-             f"{where}'s attention projections have biases")
+             f"{where} splits d_model={E} into num_heads={config.num_heads} heads")
+    _require(attn.in_proj_bias is not None and attn.w_o.bias is not None, f"{where}'s projections have biases")
+    return attn
+
+
+def _check_feed_forward(ff: nn.Module, where: str) -> PositionwiseFeedForward:
     _require(type(ff) is PositionwiseFeedForward and ff.activation is F.relu,
              f"{where}'s feed-forward block is PositionwiseFeedForward with a ReLU")
     _require(ff.w_1.bias is not None and ff.w_2.bias is not None, f"{where}'s feed-forward layers have biases")
+    return ff
+
+
+def _check_frame(layer: nn.Module, kind: type, children: set[str], config, where: str) -> None:
+    """The layer's class, its exact submodules, and its norms placed as the config says."""
+    _require(type(layer) is kind, f"{where} is of type {kind.__name__}, found {type(layer).__name__}")
+    found = {name for name, _ in layer.named_children()}
+    _require(found == children, f"{where} has exactly the modules {sorted(children)}, found {sorted(found)}")
+    _require(layer.norm_first == config.norm_first,
+             f"{where} places its norms as the config says (norm_first={config.norm_first})")
+
+
+def _check_layer(layer: nn.Module, config, index: int) -> _PackedLayer:
+    """Every assumption ``step`` makes about one layer, checked; then the layer's weights."""
+    where = f"layer {index}"
+    _check_frame(layer, EncoderLayer, _LAYER_CHILDREN, config, where)
+    attn = _check_attention(layer.self_attn, config, f"{where}'s attention")
+    ff = _check_feed_forward(layer.feed_forward, where)
+    E = config.d_model
     return _PackedLayer(
         _check_norm(layer.norm1, E, f"{where}'s norm1"),
         (attn.in_proj_weight.t(), attn.in_proj_bias),  # [W_q; W_k; W_v]ᵀ (E, 3E), (3E,)
@@ -243,21 +257,6 @@ _DECODER_LAYER_CHILDREN = {"self_attn", "cross_attn", "feed_forward", "norm1", "
                            "dropout1", "dropout2", "dropout3"}
 
 
-def _check_attention(attn: nn.Module, config, where: str) -> MultiHeadAttention:
-    E = config.d_model
-    _require(type(attn) is MultiHeadAttention and attn.d_model == E and attn.num_heads == config.num_heads,
-             f"{where} splits d_model={E} into num_heads={config.num_heads} heads")
-    _require(attn.in_proj_bias is not None and attn.w_o.bias is not None, f"{where}'s projections have biases")
-    return attn
-
-
-def _check_feed_forward(ff: nn.Module, where: str) -> PositionwiseFeedForward:
-    _require(type(ff) is PositionwiseFeedForward and ff.activation is F.relu,
-             f"{where}'s feed-forward block is PositionwiseFeedForward with a ReLU")
-    _require(ff.w_1.bias is not None and ff.w_2.bias is not None, f"{where}'s feed-forward layers have biases")
-    return ff
-
-
 def _quantized(affine: Affine) -> Weights:
     """A Linear's weights as PyTorch's int8 packed parameters: each output row its own symmetric scale
     (the per-channel observer of ``torch.ao.quantization``), the activations quantized per call."""
@@ -277,12 +276,7 @@ def _quantized(affine: Affine) -> Weights:
 def _check_decoder_layer(layer: nn.Module, config, index: int, int8: bool) -> _PackedDecoderLayer:
     """Every assumption ``decoder_step`` makes about one decoder layer, checked; then its weights."""
     where = f"decoder layer {index}"
-    _require(type(layer) is DecoderLayer, f"{where} is a DecoderLayer, found {type(layer).__name__}")
-    children = {name for name, _ in layer.named_children()}
-    _require(children == _DECODER_LAYER_CHILDREN, f"{where} has exactly the modules "
-             f"{sorted(_DECODER_LAYER_CHILDREN)}, found {sorted(children)}")
-    _require(layer.norm_first == config.norm_first,
-             f"{where} places its norms as the config says (norm_first={config.norm_first})")
+    _check_frame(layer, DecoderLayer, _DECODER_LAYER_CHILDREN, config, where)
     attn = _check_attention(layer.self_attn, config, f"{where}'s self-attention")
     cross = _check_attention(layer.cross_attn, config, f"{where}'s cross-attention")
     ff = _check_feed_forward(layer.feed_forward, where)
