@@ -25,6 +25,7 @@ from attnlab import (
     scaled_dot_product_attention,
     simple_self_attention,
 )
+from attnlab.nn import attention as attention_module
 from attnlab.nn.attention import dropout
 
 F64 = torch.float64
@@ -367,6 +368,79 @@ def test_mha_cached_self_attention_equals_full_self_attention():
     rest, kv, _ = ours.self_attention(x[:, 3:], causal_mask(2, 5), past=kv)
     assert kv.k.shape == (2, HEADS, 5, E // HEADS)
     torch.testing.assert_close(torch.cat([out, rest], dim=1), full)
+
+
+# -- training over short sequences on the CPU: _ShortSelfAttention ----------------------------------
+def _short_path_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = attention_module._ShortSelfAttention.apply
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(attention_module._ShortSelfAttention, "apply", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_name", ["none", "padding", "causal", "padding+causal",
+                                       "fully_masked_rows", "fully_masked_batch_row"])
+def test_short_self_attention_equals_the_reference_path(monkeypatch, dtype, mask_name):
+    """Training-time self-attention (grad on, no dropout, T <= 64, CPU) takes the batched-product path;
+    its output, cache and every gradient equal the reference path's (need_weights=True)."""
+    calls = _short_path_calls(monkeypatch)
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(H * D, H).to(dtype)
+    mask = _masks(5, 5)[mask_name]
+    (x,) = leaves((B, 5, H * D), dtype=dtype)
+    grad = torch.randn(B, 5, H * D, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    results = []
+    for need_weights in (False, True):
+        mha.zero_grad(set_to_none=True)
+        (xx,) = clones(x)
+        out, kv, _ = mha.self_attention(xx, mask, need_weights=need_weights)
+        (out * grad).sum().backward()
+        results.append([out.detach(), kv.k.detach(), kv.v.detach(), xx.grad]
+                       + [p.grad for p in mha.parameters()])
+    assert len(calls) == 1  # the first pass only: weights asked for take the reference path
+    for short, reference in zip(*results):
+        assert torch.isfinite(short).all()
+        torch.testing.assert_close(short, reference)
+    if mask is not None and mask_name.startswith("fully"):
+        blind = ~mask.expand(B, H, 5, 5).any(dim=-1).any(dim=1)  # (B, T): queries no head may see from
+        attended = results[0][0] - mha.w_o.bias.detach()  # a blind query's output is W_o's bias alone
+        assert blind.any() and (attended[blind] == 0).all()
+
+
+def test_short_self_attention_passes_gradcheck_with_a_mask():
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 4, 3 * 2 * 3, generator=gen, dtype=F64, requires_grad=True)  # H=2, D=3
+    mask = causal_mask(4).expand(2, 1, 4, 4).clone()
+    mask[1, 0, 2] = False  # one fully masked query
+    mask[0, 0, 3, 1] = False
+
+    def short(qkv):
+        return attention_module._ShortSelfAttention.apply(qkv, 2, mask, 0.5)
+
+    assert torch.autograd.gradcheck(short, (qkv,))
+
+
+def test_short_self_attention_is_left_to_the_fused_kernel_when_it_does_not_apply(monkeypatch):
+    calls = _short_path_calls(monkeypatch)
+    mha = MultiHeadAttention(8, 2)
+    long_x = torch.randn(1, attention_module.SHORT_ATTENTION_MAX_LEN + 1, 8, requires_grad=True)
+    short_x = torch.randn(2, 3, 8, requires_grad=True)
+    mha.self_attention(long_x)  # too long
+    with torch.no_grad():
+        mha.self_attention(short_x)  # no gradient wanted
+    mha.self_attention(short_x.detach())  # the input needs no gradient, the weights do: taken
+    assert len(calls) == 1
+    mha.dropout = 0.1
+    mha.self_attention(short_x)  # dropout on: the reference path draws the masks
+    mha.eval()
+    mha.self_attention(short_x)  # evaluation: no dropout, so taken again
+    assert len(calls) == 2
 
 
 # -- errors name the problem ------------------------------------------------------------------------

@@ -210,6 +210,73 @@ def _fused_attention(
     return out.masked_fill(~has_key, 0.0)
 
 
+_NOTHING = torch.zeros(())  # baddbmm's ignored input (beta=0)
+
+# Self-attention over at most this many positions trains through ``_ShortSelfAttention`` on the CPU.
+SHORT_ATTENTION_MAX_LEN = 64
+
+
+class _ShortSelfAttention(torch.autograd.Function):
+    """Multi-head self-attention for training over short sequences on the CPU, without dropout.
+
+    Takes the fused projection ``qkv`` (B, T, 3E) and returns the heads' outputs merged, (B, T, E):
+    softmax(Q Kᵀ · scale) V per head, as two batched matrix products with the weights kept for the
+    backward pass, which writes the Q, K and V gradients into one (B, T, 3E) tensor. PyTorch's fused
+    CPU kernel walks (batch, head) blocks sized for long sequences, zero-fills its gradients and
+    leaves their concatenation to autograd; up to ``SHORT_ATTENTION_MAX_LEN`` positions this is
+    faster (``benchmarks/bench_core.py``), beyond it the fused kernel is. Masks follow the module's
+    rule (True = may attend); a query with no key gets a zero output, as on the other paths.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_heads: int, mask: Tensor | None, scale: float) -> Tensor:  # type: ignore[override]
+        B, T, E3 = qkv.shape
+        H, D = num_heads, E3 // (3 * num_heads)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D) for t in qkv.split(H * D, -1))
+        scores = torch.baddbmm(_NOTHING.to(q.dtype), q, k.transpose(1, 2), beta=0.0, alpha=scale)  # (B·H, T, T)
+        if mask is not None:
+            scores.view(B, H, T, T).masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, out=scores)
+        if mask is not None:
+            has_key = mask.any(dim=-1, keepdim=True)
+            if not bool(has_key.all()):
+                weights.view(B, H, T, T).masked_fill_(~has_key, 0.0)
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.scale = scale
+        out = torch.bmm(weights, v)  # (B·H, T, D)
+        return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        q, k, v, weights = ctx.saved_tensors
+        BH, T, D = q.shape
+        B = grad_out.size(0)
+        H = BH // B
+        grad_heads = grad_out.reshape(B, T, H, D).transpose(1, 2).reshape(BH, T, D)
+        grad_qkv = grad_out.new_empty(B, T, 3, H, D)
+
+        def put(index: int, grad: Tensor) -> None:  # (B·H, T, D) into Q, K or V's columns
+            grad_qkv[:, :, index].copy_(grad.view(B, H, T, D).transpose(1, 2))
+
+        put(2, torch.bmm(weights.transpose(1, 2), grad_heads))  # dV = Wᵀ dO
+        grad_weights = torch.bmm(grad_heads, v.transpose(1, 2))  # dW = dO Vᵀ
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        nothing, scale = _NOTHING.to(q.dtype), ctx.scale
+        put(0, torch.baddbmm(nothing, grad_scores, k, beta=0.0, alpha=scale))  # dQ = dS K · scale
+        put(1, torch.baddbmm(nothing, grad_scores.transpose(1, 2), q, beta=0.0, alpha=scale))  # dK = dSᵀ Q · scale
+        return grad_qkv.view(B, T, 3 * H * D), None, None, None
+
+
+def _use_short_attention(qkv: Tensor, dropout_p: float) -> bool:
+    return (
+        dropout_p == 0.0
+        and qkv.device.type == "cpu"
+        and qkv.size(1) <= SHORT_ATTENTION_MAX_LEN
+        and qkv.requires_grad
+        and torch.is_grad_enabled()
+    )
+
+
 def simple_self_attention(x: Tensor) -> AttentionOutput:
     """Self-attention with no trainable weights: scores = x xᵀ, weights = softmax, context = weights x.
 
@@ -458,6 +525,11 @@ class MultiHeadAttention(nn.Module):
         self, x: Tensor, mask: Tensor | None, past: KV | None, need_weights: bool
     ) -> SelfAttentionOutput:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3E)
+        dropout_p = self.dropout if self.training else 0.0
+        if past is None and not need_weights and _use_short_attention(qkv, dropout_p):
+            out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, 1.0 / math.sqrt(self.head_dim))
+            k, v = (self._split_heads(t) for t in qkv[..., self.d_model:].split(self.d_model, dim=-1))
+            return SelfAttentionOutput(self.w_o(out), KV(k, v), None)
         q, k, v = (self._split_heads(t) for t in qkv.split(self.d_model, dim=-1))  # (B, H, T, D) each
         kv = KV(k, v) if past is None else past.extend(KV(k, v))  # (B, H, t + T, D)
         out, weights = self._attend_heads(q, kv, mask, need_weights)
