@@ -289,13 +289,27 @@ def test_sampling_rejects_bad_settings(kwargs, message):
         sample(lambda p, s: (torch.zeros(1, 5), s), Stateless(), torch.ones(1, 1, dtype=torch.long), 1, **kwargs)
 
 
-def test_batches_are_sized_by_decoder_rows_unless_given():
-    from attnlab.decode.translate import ROWS_PER_BATCH, DecodeConfig
+def test_batches_are_sorted_by_length_and_sized_by_tokens_unless_given():
+    from attnlab.decode import translate
+    from attnlab.decode.translate import DecodeConfig
 
-    assert DecodeConfig().sentences_per_batch == ROWS_PER_BATCH // 4 == 64  # beam 4
-    assert DecodeConfig(beam_size=1).sentences_per_batch == ROWS_PER_BATCH
-    assert DecodeConfig(beam_size=300).sentences_per_batch == 1
-    assert DecodeConfig(beam_size=1, batch_size=7).sentences_per_batch == 7
+    lengths = [30, 5, 12, 5, 40, 7]
+    by_length = [1, 3, 5, 2, 0, 4]  # a stable sort: equal lengths keep their order
+    assert DecodeConfig(beam_size=1, batch_size=4).batches(lengths) == [[1, 3, 5, 2], [0, 4]]
+    assert DecodeConfig(batch_size=1).batches(lengths) == [[j] for j in by_length]
+    budget = translate.DECODE_TOKENS
+    for beam in (1, 4):
+        batches = DecodeConfig(beam_size=beam).batches(lengths)
+        assert [j for batch in batches for j in batch] == by_length
+        for batch in batches:  # within the budget, unless one sentence alone is over it
+            assert len(batch) == 1 or len(batch) * beam * max(lengths[j] for j in batch) <= budget
+        for batch, following in zip(batches, batches[1:]):  # and no batch could have taken one more
+            assert (len(batch) + 1) * beam * lengths[following[0]] > budget
+    # With the default budget, many short sentences share a batch; long ones are spread out.
+    assert DecodeConfig(beam_size=4).batches([16] * 600) == [list(range(256)), list(range(256, 512)),
+                                                            list(range(512, 600))]
+    assert len(DecodeConfig(beam_size=4).batches([budget // 4 + 1] * 3)) == 3  # each alone over it
+    assert DecodeConfig().batches([]) == []
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         DecodeConfig(batch_size=-1)
 

@@ -118,7 +118,9 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default 4)")
     p.add_argument("--alpha", type=float, default=0.6, help="length penalty (default 0.6)")
     p.add_argument("--batch-size", type=int, default=0,
-                   help="sentences decoded together (default 0: 256 // beam, i.e. 64 at beam 4, 256 greedy)")
+                   help="sentences decoded together (default 0: by tokens: length-sorted sentences fill a batch "
+                        "while sentences x beam x its longest source stays within "
+                        "attnlab.decode.translate.DECODE_TOKENS)")
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (slow; for comparison)")
     p.add_argument("--device", default="cpu")
     _add_int8_flag(p)

@@ -272,12 +272,6 @@ def _round_maps(maps: dict[str, list[torch.Tensor]], digits: int = 4) -> dict[st
     return {kind: [w.round(decimals=digits).tolist() for w in layers] for kind, layers in maps.items()}
 
 
-def _sorted_batches(sources: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices of ``sources`` in length-sorted batches, as ``Translator.translate`` forms them."""
-    order = sorted(range(len(sources)), key=lambda j: len(sources[j]))
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-
-
 def _translate_jobs(served: ServedModel, jobs: list[_TranslateJob], batch_size: int) -> list[dict[str, Any]]:
     """Decode the sentences of several requests with one search setting as one set of batches,
     exactly as ``Translator.translate`` does for one list; then answer each request its own."""
@@ -288,7 +282,7 @@ def _translate_jobs(served: ServedModel, jobs: list[_TranslateJob], batch_size: 
     todo = [i for i, s in enumerate(sentences) if s.strip()]  # a blank sentence translates to ""
     sources = translator.encode_source([sentences[i] for i in todo])
     ranked: list[list[tuple[list[int], float | None]]] = [[([], None)] for _ in sentences]
-    for batch in _sorted_batches(sources, batch_size):
+    for batch in config.batches([len(source) for source in sources]):  # as Translator.translate forms them
         chunk = [sources[j] for j in batch]
         if n_best == 1:  # the very call `attnlab translate` makes
             found = [[(ids, None)] for ids in translator.translate_ids(chunk, config)]
