@@ -435,12 +435,42 @@ def test_short_self_attention_is_left_to_the_fused_kernel_when_it_does_not_apply
     with torch.no_grad():
         mha.self_attention(short_x)  # no gradient wanted
     mha.self_attention(short_x.detach())  # the input needs no gradient, the weights do: taken
+    mha.self_attention(short_x, need_weights=True)  # the weights asked for: the reference path
     assert len(calls) == 1
-    mha.dropout = 0.1
-    mha.self_attention(short_x)  # dropout on: the reference path draws the masks
-    mha.eval()
-    mha.self_attention(short_x)  # evaluation: no dropout, so taken again
-    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("mask_name", ["none", "padding+causal", "fully_masked_rows"])
+def test_short_self_attention_drops_the_weights_as_the_reference_path_does(monkeypatch, mask_name):
+    """With dropout, both paths draw the same masks from the same seed: equal outputs and gradients."""
+    calls = _short_path_calls(monkeypatch)
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(H * D, H, dropout=0.3).double()
+    mask = _masks(5, 5)[mask_name]
+    (x,) = leaves((B, 5, H * D))
+    grad = torch.randn(B, 5, H * D, dtype=F64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for need_weights in (False, True):
+        mha.zero_grad(set_to_none=True)
+        (xx,) = clones(x)
+        torch.manual_seed(7)
+        out, _, _ = mha.self_attention(xx, mask, need_weights=need_weights)
+        (out * grad).sum().backward()
+        results.append([out.detach(), xx.grad] + [p.grad for p in mha.parameters()])
+    assert len(calls) == 1
+    for short, reference in zip(*results):
+        torch.testing.assert_close(short, reference)
+    torch.manual_seed(8)  # another seed, other masks
+    assert not torch.allclose(mha.self_attention(x.detach(), mask).output, results[0][0])
+
+
+def test_short_self_attention_with_dropout_passes_gradcheck():
+    qkv = torch.randn(2, 4, 3 * 2 * 3, generator=torch.Generator().manual_seed(0), dtype=F64, requires_grad=True)
+
+    def short(qkv):
+        torch.manual_seed(3)  # the same masks at every evaluation
+        return attention_module._ShortSelfAttention.apply(qkv, 2, None, 0.5, 0.4)
+
+    assert torch.autograd.gradcheck(short, (qkv,))
 
 
 # -- errors name the problem ------------------------------------------------------------------------

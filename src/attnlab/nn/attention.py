@@ -104,10 +104,15 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
+    return x * _kept_and_scaled(x.shape, p, x.dtype)
+
+
+def _kept_and_scaled(shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:
+    """CPU dropout's multipliers: 1/(1 − p) with probability 1 − p, else 0 (see ``dropout``)."""
     seed = int(torch.empty((), dtype=torch.int64).random_())
-    uniform = np.random.Generator(np.random.PCG64(seed)).random(x.numel(), dtype=np.float32)  # [0, 1)
-    keep = torch.from_numpy(uniform).view(x.shape).ge_(p)  # 1.0 with probability 1 − p, else 0.0
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    uniform = np.random.Generator(np.random.PCG64(seed)).random(math.prod(shape), dtype=np.float32)  # [0, 1)
+    keep = torch.from_numpy(uniform).view(shape).ge_(p)  # 1.0 with probability 1 − p, else 0.0
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
 
 
 def _check_token_ids(tokens: Tensor, name: str) -> None:
@@ -217,7 +222,7 @@ SHORT_ATTENTION_MAX_LEN = 64
 
 
 class _ShortSelfAttention(torch.autograd.Function):
-    """Multi-head self-attention for training over short sequences on the CPU, without dropout.
+    """Multi-head self-attention for training over short sequences on the CPU.
 
     Takes the fused projection ``qkv`` (B, T, 3E) and returns the heads' outputs merged, (B, T, E):
     softmax(Q Kᵀ · scale) V per head, as two batched matrix products with the weights kept for the
@@ -226,10 +231,13 @@ class _ShortSelfAttention(torch.autograd.Function):
     leaves their concatenation to autograd; up to ``SHORT_ATTENTION_MAX_LEN`` positions this is
     faster (``benchmarks/bench_core.py``), beyond it the fused kernel is. Masks follow the module's
     rule (True = may attend); a query with no key gets a zero output, as on the other paths.
+    Dropout on the weights (``dropout_p``) draws its masks as ``dropout`` does, the same draws as
+    the reference path makes.
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, num_heads: int, mask: Tensor | None, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, qkv: Tensor, num_heads: int, mask: Tensor | None, scale: float,  # type: ignore[override]
+                dropout_p: float = 0.0) -> Tensor:
         B, T, E3 = qkv.shape
         H, D = num_heads, E3 // (3 * num_heads)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D) for t in qkv.split(H * D, -1))
@@ -241,14 +249,15 @@ class _ShortSelfAttention(torch.autograd.Function):
             has_key = mask.any(dim=-1, keepdim=True)
             if not bool(has_key.all()):
                 weights.view(B, H, T, T).masked_fill_(~has_key, 0.0)
-        ctx.save_for_backward(q, k, v, weights)
+        kept = _kept_and_scaled(weights.shape, dropout_p, weights.dtype) if dropout_p > 0 else None
+        ctx.save_for_backward(q, k, v, weights, kept)
         ctx.scale = scale
-        out = torch.bmm(weights, v)  # (B·H, T, D)
+        out = torch.bmm(weights if kept is None else weights * kept, v)  # (B·H, T, D)
         return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        q, k, v, weights = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        q, k, v, weights, kept = ctx.saved_tensors
         BH, T, D = q.shape
         B = grad_out.size(0)
         H = BH // B
@@ -258,19 +267,21 @@ class _ShortSelfAttention(torch.autograd.Function):
         def put(index: int, grad: Tensor) -> None:  # (B·H, T, D) into Q, K or V's columns
             grad_qkv[:, :, index].copy_(grad.view(B, H, T, D).transpose(1, 2))
 
-        put(2, torch.bmm(weights.transpose(1, 2), grad_heads))  # dV = Wᵀ dO
+        dropped = weights if kept is None else weights * kept
+        put(2, torch.bmm(dropped.transpose(1, 2), grad_heads))  # dV = Wᵀ dO
         grad_weights = torch.bmm(grad_heads, v.transpose(1, 2))  # dW = dO Vᵀ
+        if kept is not None:
+            grad_weights.mul_(kept)
         grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
         nothing, scale = _NOTHING.to(q.dtype), ctx.scale
         put(0, torch.baddbmm(nothing, grad_scores, k, beta=0.0, alpha=scale))  # dQ = dS K · scale
         put(1, torch.baddbmm(nothing, grad_scores.transpose(1, 2), q, beta=0.0, alpha=scale))  # dK = dSᵀ Q · scale
-        return grad_qkv.view(B, T, 3 * H * D), None, None, None
+        return grad_qkv.view(B, T, 3 * H * D), None, None, None, None
 
 
-def _use_short_attention(qkv: Tensor, dropout_p: float) -> bool:
+def _use_short_attention(qkv: Tensor) -> bool:
     return (
-        dropout_p == 0.0
-        and qkv.device.type == "cpu"
+        qkv.device.type == "cpu"
         and qkv.size(1) <= SHORT_ATTENTION_MAX_LEN
         and qkv.requires_grad
         and torch.is_grad_enabled()
@@ -526,8 +537,8 @@ class MultiHeadAttention(nn.Module):
     ) -> SelfAttentionOutput:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3E)
         dropout_p = self.dropout if self.training else 0.0
-        if past is None and not need_weights and _use_short_attention(qkv, dropout_p):
-            out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, 1.0 / math.sqrt(self.head_dim))
+        if past is None and not need_weights and _use_short_attention(qkv):
+            out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, 1.0 / math.sqrt(self.head_dim), dropout_p)
             k, v = (self._split_heads(t) for t in qkv[..., self.d_model:].split(self.d_model, dim=-1))
             return SelfAttentionOutput(self.w_o(out), KV(k, v), None)
         q, k, v = (self._split_heads(t) for t in qkv.split(self.d_model, dim=-1))  # (B, H, T, D) each
