@@ -297,14 +297,19 @@ def test_batches_are_sorted_by_length_and_sized_by_tokens_unless_given():
     by_length = [1, 3, 5, 2, 0, 4]  # a stable sort: equal lengths keep their order
     assert DecodeConfig(beam_size=1, batch_size=4).batches(lengths) == [[1, 3, 5, 2], [0, 4]]
     assert DecodeConfig(batch_size=1).batches(lengths) == [[j] for j in by_length]
-    budget = translate.DECODE_TOKENS
+    budget, most_rows = translate.DECODE_TOKENS, translate.DECODE_ROWS
     for beam in (1, 4):
-        batches = DecodeConfig(beam_size=beam).batches(lengths)
-        assert [j for batch in batches for j in batch] == by_length
-        for batch in batches:  # within the budget, unless one sentence alone is over it
-            assert len(batch) == 1 or len(batch) * beam * max(lengths[j] for j in batch) <= budget
-        for batch, following in zip(batches, batches[1:]):  # and no batch could have taken one more
-            assert (len(batch) + 1) * beam * lengths[following[0]] > budget
+        for sizes in (lengths, [1, 2, 3] * 900):
+            batches = DecodeConfig(beam_size=beam).batches(sizes)
+            assert sorted(j for batch in batches for j in batch) == list(range(len(sizes)))
+            if sizes is lengths:
+                assert [j for batch in batches for j in batch] == by_length
+            for batch in batches:  # within both budgets, unless one sentence alone is over them
+                rows = len(batch) * beam
+                assert len(batch) == 1 or (rows <= most_rows and rows * max(sizes[j] for j in batch) <= budget)
+            for batch, following in zip(batches, batches[1:]):  # and no batch could have taken one more
+                rows = (len(batch) + 1) * beam
+                assert rows > most_rows or rows * sizes[following[0]] > budget
     # With the default budget, many short sentences share a batch; long ones are spread out.
     assert DecodeConfig(beam_size=4).batches([16] * 600) == [list(range(256)), list(range(256, 512)),
                                                             list(range(512, 600))]

@@ -41,6 +41,9 @@ __all__ = ["DecodeConfig", "SearchStart", "Translator", "load_translator", "bleu
 # runs/de-en 8.75 s against 9.65 s; greedy 0.98 s against 1.05 s (tiny), 3.21 s against 3.31 s (de-en).
 # A budget of 32768 was no faster on runs/tiny and slower on runs/de-en (9.28 s beam, 3.49 s greedy).
 DECODE_TOKENS = 16384
+# ... and never more than this many decoder rows (sentences x beam): a batch of one-word sentences would
+# otherwise hold thousands, each step's (rows, vocabulary) scores several hundred megabytes.
+DECODE_ROWS = 1024
 # Source tokens (padding included) encoded together: a decoding batch of 256 short sentences is encoded
 # in pieces of about this many tokens, each padded to its own longest source, not to the batch's.
 # Measured on test_2016_flickr in greedy batches of 256 sentences, one thread: runs/de-en encoded them in
@@ -78,13 +81,15 @@ class DecodeConfig:
     def batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices of sentences of these (source) lengths, sorted by length and cut into batches:
         ``batch_size`` sentences each, or by default as many as keep sentences x beam x the batch's
-        longest source within ``DECODE_TOKENS`` (one sentence at least)."""
+        longest source within ``DECODE_TOKENS`` and sentences x beam within ``DECODE_ROWS`` (one
+        sentence at least)."""
         order = sorted(range(len(lengths)), key=lambda j: lengths[j])
         if self.batch_size:
             return [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         batches: list[list[int]] = []
         for j in order:  # ascending lengths: the newest sentence is the batch's longest
-            if batches and (len(batches[-1]) + 1) * self.beam_size * max(1, lengths[j]) <= DECODE_TOKENS:
+            rows = (len(batches[-1]) + 1) * self.beam_size if batches else 0
+            if batches and rows <= DECODE_ROWS and rows * max(1, lengths[j]) <= DECODE_TOKENS:
                 batches[-1].append(j)
             else:
                 batches.append([j])
