@@ -426,17 +426,53 @@ def test_short_self_attention_passes_gradcheck_with_a_mask():
     assert torch.autograd.gradcheck(short, (qkv,))
 
 
-def test_short_self_attention_is_left_to_the_fused_kernel_when_it_does_not_apply(monkeypatch):
+def test_short_self_attention_is_taken_only_where_it_applies(monkeypatch):
     calls = _short_path_calls(monkeypatch)
     mha = MultiHeadAttention(8, 2)
-    long_x = torch.randn(1, attention_module.SHORT_ATTENTION_MAX_LEN + 1, 8, requires_grad=True)
     short_x = torch.randn(2, 3, 8, requires_grad=True)
-    mha.self_attention(long_x)  # too long
+
+    def taken(x, **kwargs) -> bool:
+        before = len(calls)
+        mha.self_attention(x, **kwargs)
+        return len(calls) > before
+
+    assert taken(short_x)
+    assert taken(short_x.detach())  # the input needs no gradient, the weights do
+    limit = attention_module.SHORT_ATTENTION_MAX_LEN
+    assert taken(torch.randn(1, limit, 8, requires_grad=True))
+    assert not taken(torch.randn(1, limit + 1, 8, requires_grad=True))  # too long: the fused kernel
+    assert not taken(short_x, need_weights=True)  # the weights asked for: the reference path
+    assert not taken(torch.randn(0, 3, 8, requires_grad=True))  # an empty batch
     with torch.no_grad():
-        mha.self_attention(short_x)  # no gradient wanted
-    mha.self_attention(short_x.detach())  # the input needs no gradient, the weights do: taken
-    mha.self_attention(short_x, need_weights=True)  # the weights asked for: the reference path
-    assert len(calls) == 1
+        assert not taken(short_x)  # no gradient wanted
+    mha.dropout = 0.1
+    assert taken(short_x)  # dropout drawn here as on the reference path
+    mha.eval()
+    assert taken(short_x)  # evaluation with gradients: no dropout, still training-shaped work
+
+
+def test_short_self_attention_refuses_a_second_derivative_and_torch_func_still_works():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2)
+    (x,) = leaves((2, 3, 8), dtype=torch.float32)
+    out = mha.self_attention(x).output
+    with pytest.raises(RuntimeError, match="first derivatives only.*SHORT_ATTENTION_MAX_LEN = 0"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)  # e.g. for a gradient penalty
+    (grad,) = torch.autograd.grad(mha.self_attention(x).output.square().sum(), x)  # a plain pass is fine
+    with torch.no_grad():
+        reference = mha.self_attention(x, need_weights=True).output
+    torch.testing.assert_close(mha.self_attention(x).output.detach(), reference)
+
+    def loss(x):
+        return mha.self_attention(x).output.square().sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(x.detach()), grad)  # torch.func takes the reference path
+
+
+def test_mha_rejects_a_dropout_outside_0_1():
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout probability"):
+            MultiHeadAttention(8, 2, dropout=p)
 
 
 @pytest.mark.parametrize("mask_name", ["none", "padding+causal", "fully_masked_rows"])

@@ -120,7 +120,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=0,
                    help="sentences decoded together (default 0: by tokens: length-sorted sentences fill a batch "
                         "while sentences x beam x its longest source stays within "
-                        "attnlab.decode.translate.DECODE_TOKENS)")
+                        "attnlab.decode.translate.DECODE_TOKENS and sentences x beam within DECODE_ROWS)")
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (slow; for comparison)")
     p.add_argument("--device", default="cpu")
     _add_int8_flag(p)

@@ -64,7 +64,7 @@ class DecodeConfig:
     beam_size: int = 4
     alpha: float = 0.6
     extra_len: int = 50  # maximum output length = source length + extra_len
-    batch_size: int = 0  # sentences decoded together; 0: by tokens (DECODE_TOKENS, source tokens x beam)
+    batch_size: int = 0  # sentences decoded together; 0: by tokens (DECODE_TOKENS and DECODE_ROWS, see batches)
     use_cache: bool = True
 
     def __post_init__(self) -> None:

@@ -228,11 +228,15 @@ class _ShortSelfAttention(torch.autograd.Function):
     softmax(Q Kᵀ · scale) V per head, as two batched matrix products with the weights kept for the
     backward pass, which writes the Q, K and V gradients into one (B, T, 3E) tensor. PyTorch's fused
     CPU kernel walks (batch, head) blocks sized for long sequences, zero-fills its gradients and
-    leaves their concatenation to autograd; up to ``SHORT_ATTENTION_MAX_LEN`` positions this is
-    faster (``benchmarks/bench_core.py``), beyond it the fused kernel is. Masks follow the module's
-    rule (True = may attend); a query with no key gets a zero output, as on the other paths.
-    Dropout on the weights (``dropout_p``) draws its masks as ``dropout`` does, the same draws as
-    the reference path makes.
+    leaves their concatenation to autograd: at 128 x 24 tokens this path is faster
+    (``benchmarks/bench_core.py``); in a first measurement with 3072 tokens a batch the fused kernel
+    was about as fast at 48-64 positions and faster at 128, hence ``SHORT_ATTENTION_MAX_LEN``.
+    Longer sequences take the other paths (the fused kernel, or the reference one for dropout).
+
+    Masks follow the module's rule (True = may attend); a query with no key gets a zero output, as
+    on the other paths. Dropout on the weights (``dropout_p``) draws its masks as ``dropout`` does:
+    the same draws as the reference path makes. First derivatives only: a backward pass that is
+    itself to be differentiated (``create_graph=True``) raises.
     """
 
     @staticmethod
@@ -257,6 +261,12 @@ class _ShortSelfAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward(create_graph=True): this pass is not itself differentiable
+            raise RuntimeError(
+                "MultiHeadAttention's training path for short sequences on the CPU gives first "
+                "derivatives only; for higher-order gradients set "
+                "attnlab.nn.attention.SHORT_ATTENTION_MAX_LEN = 0 (the reference path)"
+            )
         q, k, v, weights, kept = ctx.saved_tensors
         BH, T, D = q.shape
         B = grad_out.size(0)
@@ -280,11 +290,15 @@ class _ShortSelfAttention(torch.autograd.Function):
 
 
 def _use_short_attention(qkv: Tensor) -> bool:
+    """Training on the CPU, short and non-empty; not under torch.func's transforms, which
+    ``_ShortSelfAttention`` (a classic autograd Function) does not support."""
     return (
         qkv.device.type == "cpu"
-        and qkv.size(1) <= SHORT_ATTENTION_MAX_LEN
+        and 0 < qkv.size(1) <= SHORT_ATTENTION_MAX_LEN
+        and qkv.size(0) > 0
         and qkv.requires_grad
         and torch.is_grad_enabled()
+        and not torch._C._are_functorch_transforms_active()
     )
 
 
@@ -399,6 +413,8 @@ class MultiHeadAttention(nn.Module):
                 f"d_model ({d_model}) must be divisible by num_heads ({num_heads}): "
                 "each head gets d_model / num_heads features"
             )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {dropout}")
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
