@@ -272,21 +272,18 @@ class _ShortSelfAttention(torch.autograd.Function):
         B = grad_out.size(0)
         H = BH // B
         grad_heads = grad_out.reshape(B, T, H, D).transpose(1, 2).reshape(BH, T, D)
-        grad_qkv = grad_out.new_empty(B, T, 3, H, D)
-
-        def put(index: int, grad: Tensor) -> None:  # (B·H, T, D) into Q, K or V's columns
-            grad_qkv[:, :, index].copy_(grad.view(B, H, T, D).transpose(1, 2))
-
+        grads = grad_out.new_empty(3, BH, T, D)  # dQ, dK, dV by head, moved to (B, T, 3E) in one copy
         dropped = weights if kept is None else weights * kept
-        put(2, torch.bmm(dropped.transpose(1, 2), grad_heads))  # dV = Wᵀ dO
+        torch.bmm(dropped.transpose(1, 2), grad_heads, out=grads[2])  # dV = Wᵀ dO
         grad_weights = torch.bmm(grad_heads, v.transpose(1, 2))  # dW = dO Vᵀ
         if kept is not None:
             grad_weights.mul_(kept)
         grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
         nothing, scale = _NOTHING.to(q.dtype), ctx.scale
-        put(0, torch.baddbmm(nothing, grad_scores, k, beta=0.0, alpha=scale))  # dQ = dS K · scale
-        put(1, torch.baddbmm(nothing, grad_scores.transpose(1, 2), q, beta=0.0, alpha=scale))  # dK = dSᵀ Q · scale
-        return grad_qkv.view(B, T, 3 * H * D), None, None, None, None
+        torch.baddbmm(nothing, grad_scores, k, beta=0.0, alpha=scale, out=grads[0])  # dQ = dS K · scale
+        torch.baddbmm(nothing, grad_scores.transpose(1, 2), q, beta=0.0, alpha=scale, out=grads[1])  # dK = dSᵀ Q · scale
+        grad_qkv = grads.view(3, B, H, T, D).permute(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
+        return grad_qkv, None, None, None, None
 
 
 def _use_short_attention(qkv: Tensor) -> bool:
