@@ -58,18 +58,20 @@ def test_int8_is_refused_off_the_cpu_in_one_line():
 
 @pytest.mark.slow
 def test_int8_keeps_bleu_within_a_budget_on_a_trained_model(tmp_path):
-    """A small model trained for a minute or two: int8 BLEU within 0.3 of float32 on 200 validation sentences."""
+    """A small model trained for a minute or two: int8 BLEU within 0.3 of float32 on the 1014 validation
+    sentences. (On the first 200 only, sampling noise alone moved the difference to +0.50 for one trained
+    model whose difference over all 1014 was +0.13.)"""
     from attnlab.data.corpus import load_multi30k
     from attnlab.train.trainer import train
 
     config = small_config(train_fraction=0.2, vocab_size=1000, d_model=64, num_heads=4, max_steps=1500,
                           max_len=128, eval_every=0, dropout=0.1)
     train(config, tmp_path / "run", progress=False, echo=quiet)
-    pairs = load_multi30k("val", "de", "en")[:200]
+    pairs = load_multi30k("val", "de", "en")
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     exact = load_translator(tmp_path / "run").translate(sources, DecodeConfig(beam_size=4))
     int8 = load_translator(tmp_path / "run", int8=True).translate(sources, DecodeConfig(beam_size=4))
     exact_bleu, int8_bleu = bleu_scores(exact, references)["bleu"], bleu_scores(int8, references)["bleu"]
-    assert exact_bleu > 3  # a model that translates something (5.7 to 6.2 in trial runs), so the budget means something
+    assert exact_bleu > 3  # a model that translates something (5.36 and 5.46 in trial runs), so the budget means something
     print(f"BLEU float32 {exact_bleu}, int8 {int8_bleu}")
     assert abs(int8_bleu - exact_bleu) <= 0.3, (exact_bleu, int8_bleu)
