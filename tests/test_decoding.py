@@ -345,6 +345,26 @@ def _table_step(seed: int, vocab: int = 8, eos_boost: float = 1.0):
     return step
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_search_skips_pad_and_bos_where_they_score_best_on_a_large_vocabulary(seed):
+    """Greedy search takes each row's best token and searches again, without PAD and BOS, only the
+    rows whose best is one of them; over a vocabulary large enough for selection by groups, that
+    equals the reference's argmax over scores with PAD and BOS at -inf."""
+    from reference_search import reference_greedy_search
+
+    def step(prefix, state):
+        scores, _ = base(prefix, state)
+        boost = (prefix.sum(dim=1) % 3 == 0).float()[:, None] * 40.0  # PAD or BOS on top in about a third of rows
+        return scores.index_add(1, torch.tensor([seed % 2]), boost), state
+
+    base = _table_step(seed, vocab=2048, eos_boost=2.0)
+    common = dict(batch_size=6, bos_id=1, eos_id=2, max_len=torch.tensor([4, 9, 6, 12, 7, 10]), pad_id=0)
+    start = _Rows(torch.arange(6))
+    found = greedy_search(step, start, **common)
+    assert found == reference_greedy_search(step, start, **common)
+    assert not {0, 1} & {token for tokens in found for token in tokens}
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_shrinking_search_equals_the_search_that_stepped_every_row(seed):
     from reference_search import reference_beam_search, reference_greedy_search

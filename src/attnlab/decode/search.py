@@ -79,7 +79,11 @@ def greedy_search(
     results: list[list[int]] = [[] for _ in range(batch_size)]
     for t in range(int(limits.max())):
         scores, state = step(prefix, state)  # (N, V)
-        next_token = _argmax(scores.float().index_fill(-1, banned, float("-inf")))  # (N,)
+        scores = scores.float()  # (N, V)
+        next_token = _argmax(scores)  # (N,) the best token, banned or not; the rows whose best is banned
+        blocked = torch.isin(next_token, banned).nonzero()[:, 0]  # are searched again without them
+        if len(blocked):
+            next_token[blocked] = _argmax(scores[blocked].index_fill_(-1, banned, float("-inf")))
         next_token = torch.where(t + 1 >= limits, torch.full_like(next_token, eos_id), next_token)
         prefix = torch.cat([prefix, next_token[:, None]], dim=1)  # (N, t + 2)
         ended = next_token == eos_id
