@@ -286,6 +286,11 @@ class _ShortSelfAttention(torch.autograd.Function):
         return grad_qkv, None, None, None, None
 
 
+# Whether torch.func's transforms (grad, vmap, ...) are running: a private function of PyTorch's, so
+# looked up once, with "no" where a version lacks it.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _use_short_attention(qkv: Tensor) -> bool:
     """Training on the CPU, short and non-empty; not under torch.func's transforms, which
     ``_ShortSelfAttention`` (a classic autograd Function) does not support."""
@@ -295,7 +300,7 @@ def _use_short_attention(qkv: Tensor) -> bool:
         and qkv.size(0) > 0
         and qkv.requires_grad
         and torch.is_grad_enabled()
-        and not torch._C._are_functorch_transforms_active()
+        and not _functorch_active()
     )
 
 
