@@ -554,17 +554,20 @@ class MultiHeadAttention(nn.Module):
         self, x: Tensor, mask: Tensor | None, past: KV | None, need_weights: bool
     ) -> SelfAttentionOutput:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3E)
-        dropout_p = self.dropout if self.training else 0.0
+        q, k, v = (self._split_heads(t) for t in qkv.split(self.d_model, dim=-1))  # (B, H, T, D) each, views
         if past is None and not need_weights and _use_short_attention(qkv):
-            out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, 1.0 / math.sqrt(self.head_dim), dropout_p)
-            k, v = (self._split_heads(t) for t in qkv[..., self.d_model:].split(self.d_model, dim=-1))
+            scale = 1.0 / math.sqrt(self.head_dim)
+            out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, scale, self._dropout_p)
             return SelfAttentionOutput(self.w_o(out), KV(k, v), None)
-        q, k, v = (self._split_heads(t) for t in qkv.split(self.d_model, dim=-1))  # (B, H, T, D) each
         kv = KV(k, v) if past is None else past.extend(KV(k, v))  # (B, H, t + T, D)
         out, weights = self._attend_heads(q, kv, mask, need_weights)
         return SelfAttentionOutput(out, kv, weights)
 
+    @property
+    def _dropout_p(self) -> float:
+        """The attention weights' dropout now: the module's in training, none in evaluation."""
+        return self.dropout if self.training else 0.0
+
     def _attend_heads(self, q: Tensor, kv: KV, mask: Tensor | None, need_weights: bool) -> AttentionOutput:
-        dropout_p = self.dropout if self.training else 0.0
-        out, weights = _attention(q, kv.k, kv.v, mask, None, dropout_p, need_weights)  # (B, H, T, D)
+        out, weights = _attention(q, kv.k, kv.v, mask, None, self._dropout_p, need_weights)  # (B, H, T, D)
         return AttentionOutput(self.w_o(self._merge_heads(out)), weights)  # (B, T, E)
