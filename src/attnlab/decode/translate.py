@@ -86,14 +86,26 @@ class DecodeConfig:
         order = sorted(range(len(lengths)), key=lambda j: lengths[j])
         if self.batch_size:
             return [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        batches: list[list[int]] = []
-        for j in order:  # ascending lengths: the newest sentence is the batch's longest
-            rows = (len(batches[-1]) + 1) * self.beam_size if batches else 0
-            if batches and rows <= DECODE_ROWS and rows * max(1, lengths[j]) <= DECODE_TOKENS:
-                batches[-1].append(j)
-            else:
-                batches.append([j])
-        return batches
+        sizes = [max(1, lengths[j]) for j in order]
+        return [order[a:b] for a, b in _runs(sizes, DECODE_TOKENS, self.beam_size, DECODE_ROWS)]
+
+
+def _runs(lengths: Sequence[int], budget: int, per_item: int = 1, most: int | None = None) -> list[tuple[int, int]]:
+    """``lengths`` cut into consecutive runs [start, end), each growing while items x ``per_item`` x the
+    run's longest length stays within ``budget`` and items x ``per_item`` within ``most`` (one item at
+    least): decoding batches (``DecodeConfig.batches``) and encoding pieces (``Translator.run_encoder``)."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    while start < len(lengths):
+        end, longest = start + 1, lengths[start]
+        while end < len(lengths):
+            count, grown = (end + 1 - start) * per_item, max(longest, lengths[end])
+            if (most is not None and count > most) or count * grown > budget:
+                break
+            end, longest = end + 1, grown
+        runs.append((start, end))
+        start = end
+    return runs
 
 
 class SearchStart(NamedTuple):
@@ -184,15 +196,8 @@ class Translator:
         ``ENCODE_TOKENS`` padded tokens (at least one sentence each), their memories then padded to the
         longest source (and masked there): what every search of this translator starts from."""
         pad_id = self.model.config.pad_id
-        pieces: list[Encoded] = []
-        start = 0
-        while start < len(sources):
-            end, longest = start + 1, len(sources[start])
-            while end < len(sources) and max(longest, len(sources[end])) * (end + 1 - start) <= ENCODE_TOKENS:
-                longest = max(longest, len(sources[end]))
-                end += 1
-            pieces.append(self.model.encode(pad_sequences(sources[start:end], pad_id).to(self.device)))
-            start = end
+        pieces = [self.model.encode(pad_sequences(sources[a:b], pad_id).to(self.device))
+                  for a, b in _runs([len(source) for source in sources], ENCODE_TOKENS)]
         if len(pieces) == 1:
             return pieces[0]
         S = max(piece.memory.size(1) for piece in pieces)
