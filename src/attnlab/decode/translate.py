@@ -71,7 +71,7 @@ class DecodeConfig:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         if self.batch_size < 0:
-            raise ValueError(f"batch_size must be >= 1 (or 0: sized by the beam), got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 1 (or 0: sized by tokens, see DecodeConfig.batches), got {self.batch_size}")
         if self.extra_len < 0:
             raise ValueError(f"extra_len must be >= 0, got {self.extra_len}")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
