@@ -13,6 +13,10 @@
     states (``model(src, tgt, features_only=True)``) into ``linear_cross_entropy``, which applies
     the output layer block by block without holding the logits and skips padding rows.
 
+attnlab's self-attention over these 24 positions trains through its compiled kernel
+(``attnlab.nn.native``) where that could be built, as it does in training; the header says which
+path ran, and ``ATTNLAB_NATIVE=0`` measures the one with PyTorch's operations instead.
+
 Both sides of (b) use the same optimizer, the one attnlab trains with (``attnlab.train.optim.build_adam``:
 PyTorch's Adam, fused into one pass over all parameters where the device allows).
 
@@ -49,6 +53,7 @@ from attnlab import (
     Transformer,
     TransformerConfig,
 )
+from attnlab.nn import native
 from attnlab.nn.model import TokenEmbedding
 from attnlab.train.losses import linear_cross_entropy
 from attnlab.train.optim import build_adam
@@ -234,6 +239,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"warm-up {args.warmup}, median of {args.repeats} alternating repeats")
+    kernel = native.short_attention_kernel()  # built here, if it must be, not inside a timed call
+    print("attnlab's short self-attention: " + (f"the compiled kernel ({kernel.path})" if kernel else
+          "PyTorch's operations (no compiled kernel: no C compiler, ATTNLAB_NATIVE=0, or a failed build)"))
     rate = MatmulRate()
     for _ in range(3):
         rate.sample()

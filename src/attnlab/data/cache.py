@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from attnlab.folders import cache_dir
+
 from .corpus import default_data_dir, multi30k_files
 from .prepared import PreparedData, prepare
 
@@ -28,16 +30,6 @@ MULTI30K_TEST_SPLITS = ("test_2016_flickr",)
 # model's own max_len.
 _MULTI30K_MAX_LEN = 1024
 _MULTI30K_MAX_RATIO = 1000.0
-
-
-def cache_dir() -> Path:
-    """attnlab's cache folder: ``$ATTNLAB_CACHE`` if set (read at each call), else the user cache."""
-    configured = os.environ.get("ATTNLAB_CACHE")
-    if configured:
-        return Path(configured)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("attnlab", appauthor=False))
 
 
 def prepared_multi30k(

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.nn import native
+
 __all__ = [
     "KV",
     "AttentionOutput",
@@ -225,8 +227,10 @@ class _ShortSelfAttention(torch.autograd.Function):
     """Multi-head self-attention for training over short sequences on the CPU.
 
     Takes the fused projection ``qkv`` (B, T, 3E) and returns the heads' outputs merged, (B, T, E):
-    softmax(Q Kᵀ · scale) V per head, as two batched matrix products with the weights kept for the
-    backward pass, which writes the Q, K and V gradients into one (B, T, 3E) tensor. PyTorch's fused
+    softmax(Q Kᵀ · scale) V per head. In float32, with a head dimension that is a multiple of 8, the
+    compiled kernel of ``attnlab.nn.native`` computes it where it could be built; otherwise (and
+    as the readable statement of the same maths) two batched matrix products with the weights kept
+    for the backward pass, which writes the Q, K and V gradients into one (B, T, 3E) tensor. PyTorch's fused
     CPU kernel walks (batch, head) blocks sized for long sequences, zero-fills its gradients and
     leaves their concatenation to autograd: at 128 x 24 tokens this path is faster
     (``benchmarks/bench_core.py``); in a first measurement with 3072 tokens a batch the fused kernel
@@ -244,6 +248,15 @@ class _ShortSelfAttention(torch.autograd.Function):
                 dropout_p: float = 0.0) -> Tensor:
         B, T, E3 = qkv.shape
         H, D = num_heads, E3 // (3 * num_heads)
+        kernel = native.short_attention_kernel() if native.kernel_takes(qkv, D, mask) else None
+        ctx.kernel, ctx.scale, ctx.num_heads = kernel, scale, num_heads
+        if kernel is not None:  # the compiled kernel (nn/short_attention.c): the same maths
+            # Dropout's masks drawn first: no other draw happens in between, so the same draws.
+            kept = _kept_and_scaled(torch.Size((B * H, T, T)), dropout_p, qkv.dtype) if dropout_p > 0 else None
+            qkv = qkv.contiguous()
+            weights, out = kernel.forward(qkv, H, mask, scale, kept)
+            ctx.save_for_backward(qkv, weights, kept)
+            return out
         q, k, v = (t.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D) for t in qkv.split(H * D, -1))
         scores = torch.baddbmm(_NOTHING.to(q.dtype), q, k.transpose(1, 2), beta=0.0, alpha=scale)  # (B·H, T, T)
         if mask is not None:
@@ -255,7 +268,6 @@ class _ShortSelfAttention(torch.autograd.Function):
                 weights.view(B, H, T, T).masked_fill_(~has_key, 0.0)
         kept = _kept_and_scaled(weights.shape, dropout_p, weights.dtype) if dropout_p > 0 else None
         ctx.save_for_backward(q, k, v, weights, kept)
-        ctx.scale = scale
         out = torch.bmm(weights if kept is None else weights * kept, v)  # (B·H, T, D)
         return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
@@ -267,6 +279,10 @@ class _ShortSelfAttention(torch.autograd.Function):
                 "derivatives only; for higher-order gradients set "
                 "attnlab.nn.attention.SHORT_ATTENTION_MAX_LEN = 0 (the reference path)"
             )
+        if ctx.kernel is not None:
+            qkv, weights, kept = ctx.saved_tensors
+            grad_qkv = ctx.kernel.backward(qkv, weights, kept, grad_out, ctx.num_heads, ctx.scale)
+            return grad_qkv, None, None, None, None
         q, k, v, weights, kept = ctx.saved_tensors
         BH, T, D = q.shape
         B = grad_out.size(0)

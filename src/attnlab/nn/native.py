@@ -1,0 +1,194 @@
+"""attnlab's one compiled kernel: multi-head self-attention over short sequences, for training on the CPU.
+
+``short_attention.c`` (beside this file) computes what ``attention._ShortSelfAttention`` computes
+with PyTorch's operations, forward and backward, reading the fused projection where it lies and
+writing the results where the next layer wants them: no reordering of Q, K, V into heads and back,
+and no per-matrix overhead of batched products of 24 x 32 matrices. ``benchmarks/bench_core.py``
+measures what it gains.
+
+It is built on first use with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``),
+for this machine's CPU (``-march=native``), in under a second, and kept in attnlab's cache folder
+(``<cache>/native``: ``$ATTNLAB_CACHE``, else ``~/.cache/attnlab`` on Linux) under a name that
+changes with the source, the compiler and the CPU, so that a change to any of them builds afresh. Where no compiler is found, or ``ATTNLAB_NATIVE=0`` is set, or the build fails
+(with a warning that says why), attnlab trains with PyTorch's operations instead: the same
+numbers to float32 rounding, somewhat slower. Nothing else in attnlab needs a compiler.
+
+Built with OpenMP, the kernel runs on the OpenMP runtime PyTorch has loaded (the dynamic loader
+finds a library of that name already in the process) with ``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attnlab.folders import cache_dir
+
+__all__ = ["ShortAttentionKernel", "short_attention_kernel", "kernel_takes", "MAX_LEN", "MAX_HEAD_DIM"]
+
+SOURCE = Path(__file__).with_name("short_attention.c")
+MAX_LEN = 64  # the kernel's limits (MAX_T, MAX_D and D % 8 in short_attention.c)
+MAX_HEAD_DIM = 256
+_BUILD_TIMEOUT_S = 120
+# Tried in order: with OpenMP, then without (one thread). Both for this CPU's own instructions:
+# built for a generic x86-64 the kernel was 4x slower, slower than PyTorch's operations. GCC turns
+# the kernel's short row copies into calls of memcpy unless told not to (clang ignores the flag).
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fno-tree-loop-distribute-patterns", "-fopenmp"),
+    ("-O3", "-march=native", "-fno-tree-loop-distribute-patterns"),
+)
+_lock = threading.Lock()
+
+
+def kernel_takes(qkv: Tensor, head_dim: int, mask: Tensor | None) -> bool:
+    """Whether the kernel computes this self-attention: float32 on the CPU, T <= 64, a head
+    dimension that is a multiple of 8 (whole registers) up to 256, a boolean mask or none."""
+    return (
+        qkv.dtype == torch.float32
+        and qkv.device.type == "cpu"
+        and 0 < qkv.size(1) <= MAX_LEN
+        and 0 < head_dim <= MAX_HEAD_DIM
+        and head_dim % 8 == 0
+        and (mask is None or mask.dtype == torch.bool)
+    )
+
+
+class ShortAttentionKernel:
+    """The loaded kernel, called with tensors. ``forward`` returns the softmax weights (kept for
+    the backward pass, (B·H, T, T8) with T8 = T rounded up to a multiple of 8, zero beyond T) and
+    the heads' outputs merged, (B, T, E); ``backward`` returns the gradient of ``qkv``."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        pointer, integer, real = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self._forward = library.attnlab_short_attention_forward
+        self._forward.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, integer,
+                                  real, pointer, pointer, integer]
+        self._forward.restype = integer
+        self._backward = library.attnlab_short_attention_backward
+        self._backward.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, integer,
+                                   real, pointer, integer]
+        self._backward.restype = integer
+
+    def forward(self, qkv: Tensor, num_heads: int, mask: Tensor | None, scale: float,
+                kept: Tensor | None) -> tuple[Tensor, Tensor]:
+        B, T, E3 = qkv.shape
+        H, D = num_heads, E3 // (3 * num_heads)
+        weights = qkv.new_empty(B * H, T, -(-T // 8) * 8)
+        out = qkv.new_empty(B, T, H * D)
+        mask_pointer, strides = None, None
+        if mask is not None:
+            mask = mask.expand(B, H, T, T)  # a view: broadcast dimensions get stride 0
+            mask_pointer, strides = mask.data_ptr(), (ctypes.c_int64 * 4)(*mask.stride())
+        _check(self._forward(qkv.data_ptr(), mask_pointer, strides, _pointer(kept), B, T, H, D, scale,
+                             weights.data_ptr(), out.data_ptr(), torch.get_num_threads()), B, T, H, D)
+        return weights, out
+
+    def backward(self, qkv: Tensor, weights: Tensor, kept: Tensor | None, grad_out: Tensor,
+                 num_heads: int, scale: float) -> Tensor:
+        B, T, E3 = qkv.shape
+        H, D = num_heads, E3 // (3 * num_heads)
+        grad_out = grad_out.contiguous()
+        grad_qkv = torch.empty_like(qkv)
+        _check(self._backward(qkv.data_ptr(), weights.data_ptr(), _pointer(kept), grad_out.data_ptr(),
+                              B, T, H, D, scale, grad_qkv.data_ptr(), torch.get_num_threads()), B, T, H, D)
+        return grad_qkv
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _check(status: int, B: int, T: int, H: int, D: int) -> None:
+    if status == -2:
+        raise MemoryError("attnlab's attention kernel could not allocate its workspace")
+    if status != 0:  # kernel_takes keeps other shapes away: this is a bug of attnlab's
+        raise RuntimeError(f"attnlab's attention kernel refused the shape B={B} T={T} H={H} D={D}")
+
+
+@functools.cache
+def short_attention_kernel() -> ShortAttentionKernel | None:
+    """The kernel, built on the first call of the process (or found in the cache); None where it
+    is switched off (``ATTNLAB_NATIVE=0``), no C compiler is found, or building it failed."""
+    if os.environ.get("ATTNLAB_NATIVE", "1").strip() in ("0", "false", "no", "off"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    with _lock:
+        try:
+            path = _build(compiler)
+            return ShortAttentionKernel(ctypes.CDLL(str(path)), path)
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+            warnings.warn(
+                f"attnlab could not build its attention kernel ({error}); training uses PyTorch's "
+                "operations instead (ATTNLAB_NATIVE=0 skips the attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named) or named
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_identity() -> str:
+    """What -march=native builds for: the CPU's model and instruction-set flags where Linux tells."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    wanted = ("model name", "flags", "Features", "CPU part")
+    seen = sorted({line.strip() for line in lines if line.split(":")[0].strip() in wanted})
+    return "\n".join([platform.machine(), platform.processor(), *seen])
+
+
+def _build(compiler: str) -> Path:
+    """The kernel's shared library in the cache, compiled there first if it is not there yet."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=_BUILD_TIMEOUT_S).stdout
+    targets = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join(
+            [source, compiler.encode(), version.encode(), " ".join(flags).encode(), _cpu_identity().encode()]
+        )).hexdigest()[:16]
+        targets.append((flags, cache_dir() / "native" / f"short_attention-{key}.so"))
+    for _, target in targets:
+        if target.exists():
+            return target
+    errors = []
+    for flags, target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run(
+                [compiler, *flags, "-std=gnu11", "-fPIC", "-shared", "-o", str(built), str(SOURCE)],
+                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S,
+            )
+            if result.returncode == 0:
+                os.replace(built, target)  # whole or not at all, also with several processes building
+                return target
+        message = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        errors.append(f"{Path(compiler).name} {' '.join(flags)}: {message}")
+    raise RuntimeError("; ".join(errors))

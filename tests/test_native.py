@@ -1,0 +1,186 @@
+"""attnlab.nn.native: the compiled short self-attention kernel equals the PyTorch path it replaces,
+and its build falls back cleanly."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnlab.nn.attention as attention_module
+from attnlab.nn import native
+from attnlab.nn.attention import MultiHeadAttention, causal_mask
+
+B, H = 3, 2
+
+
+@pytest.fixture(scope="module")
+def kernel() -> native.ShortAttentionKernel:
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: attnlab trains with PyTorch's operations")
+    built = native.short_attention_kernel()
+    assert built is not None, "a C compiler is here, but the kernel was not built (see the warning)"
+    return built
+
+
+def _masks(T: int) -> dict[str, torch.Tensor | None]:
+    lengths = torch.tensor([T, max(T - 3, 1), max(T // 2, 1)])
+    pad = (torch.arange(T)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+    blind = torch.ones(B, H, T, T, dtype=torch.bool)  # per-head rows, some with no key at all
+    blind[0, 1, T // 2] = False
+    blind[2] = False
+    return {"none": None, "padding": pad, "causal": causal_mask(T), "padding+causal": pad & causal_mask(T),
+            "per_head_with_blind_rows": blind}
+
+
+def _run(qkv: torch.Tensor, mask, grad: torch.Tensor, dropout_p: float = 0.0, seed: int = 0):
+    """Output and qkv gradient of _ShortSelfAttention (whichever path it takes)."""
+    qkv = qkv.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = attention_module._ShortSelfAttention.apply(qkv, H, mask, 0.3, dropout_p)
+    out.backward(grad)
+    return out.detach(), qkv.grad
+
+
+def _pytorch_path(monkeypatch) -> None:
+    monkeypatch.setattr(native, "short_attention_kernel", lambda: None)
+
+
+def _calls(monkeypatch, kernel) -> list[int]:
+    calls: list[int] = []
+    original = kernel.forward
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(kernel, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("T", [1, 5, 8, 24, 64])
+@pytest.mark.parametrize("D", [8, 32])
+@pytest.mark.parametrize("mask_name", ["none", "padding", "causal", "padding+causal", "per_head_with_blind_rows"])
+def test_kernel_equals_the_pytorch_path(monkeypatch, kernel, T, D, mask_name):
+    gen = torch.Generator().manual_seed(T * 100 + D)
+    qkv = torch.randn(B, T, 3 * H * D, generator=gen) * 2
+    grad = torch.randn(B, T, H * D, generator=gen)
+    mask = _masks(T)[mask_name]
+    calls = _calls(monkeypatch, kernel)
+    ours = _run(qkv, mask, grad)
+    assert calls == [1]
+    _pytorch_path(monkeypatch)
+    theirs = _run(qkv, mask, grad)
+    exact = _run(qkv.double(), mask, grad.double())  # the PyTorch path in float64
+    for a, b, c in zip(ours, theirs, exact):  # the output, then the gradient
+        assert torch.isfinite(a).all()
+        ours_error, theirs_error = ((t.double() - c).abs().max().item() for t in (a, b))
+        assert ours_error <= 3e-6 * c.abs().max().item()  # float32 rounding ...
+        assert ours_error <= 3 * theirs_error + 1e-6  # ... of the size of PyTorch's own
+
+
+@pytest.mark.parametrize("mask_name", ["none", "padding+causal", "per_head_with_blind_rows"])
+def test_kernel_drops_the_weights_as_the_pytorch_path_does(monkeypatch, kernel, mask_name):
+    """The same seed draws the same dropout masks on both paths: equal outputs and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    qkv, grad = torch.randn(B, 9, 3 * H * 16, generator=gen), torch.randn(B, 9, H * 16, generator=gen)
+    mask = _masks(9)[mask_name]
+    ours = _run(qkv, mask, grad, dropout_p=0.3, seed=11)
+    other_seed = _run(qkv, mask, grad, dropout_p=0.3, seed=12)
+    _pytorch_path(monkeypatch)
+    theirs = _run(qkv, mask, grad, dropout_p=0.3, seed=11)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[0], other_seed[0])
+
+
+def test_a_blind_query_gets_zero_output_and_gradient(kernel):
+    qkv = torch.randn(1, 4, 3 * H * 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 2] = False  # query 2 may attend to nothing
+    out = attention_module._ShortSelfAttention.apply(qkv, H, mask, 0.3, 0.0)
+    out.sum().backward()
+    assert (out[0, 2] == 0).all()
+    assert (qkv.grad[0, 2, : H * 8] == 0).all()  # its query receives no gradient
+
+
+def test_nan_propagates_as_on_the_pytorch_path(kernel):
+    qkv = torch.randn(2, 6, 3 * H * 8, generator=torch.Generator().manual_seed(0))
+    qkv[1, 3, 5] = float("nan")  # one query entry of batch row 1, head 0
+    out = attention_module._ShortSelfAttention.apply(qkv.requires_grad_(), H, None, 0.3, 0.0)
+    assert torch.isnan(out[1, 3, :8]).all()  # that query's output is NaN, not silently finite
+    assert torch.isfinite(out[0]).all()  # other batch rows are untouched
+
+
+def test_threads_split_the_work_without_changing_a_bit(kernel):
+    gen = torch.Generator().manual_seed(1)
+    qkv, grad = torch.randn(16, 24, 3 * H * 32, generator=gen), torch.randn(16, 24, H * 32, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(qkv, causal_mask(24), grad)
+        torch.set_num_threads(2)
+        two = _run(qkv, causal_mask(24), grad)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_multihead_attention_trains_through_the_kernel(monkeypatch, kernel):
+    """A float32 module with 8-wide heads takes the kernel; float64, 4-wide heads and long inputs do not."""
+    calls = _calls(monkeypatch, kernel)
+    mha = MultiHeadAttention(32, 4)  # D = 8
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    out = mha.self_attention(x, causal_mask(6)).output
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    mha.double().self_attention(x.double())
+    MultiHeadAttention(16, 4).self_attention(torch.randn(2, 6, 16, requires_grad=True))  # D = 4
+    assert calls == [1]
+    assert not native.kernel_takes(torch.randn(2, native.MAX_LEN + 1, 96), 8, None)
+    assert not native.kernel_takes(torch.randn(2, 6, 96), 8, torch.ones(6, 6))  # a float mask
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("ATTNLAB_NATIVE", "0")
+    native.short_attention_kernel.cache_clear()
+    try:
+        assert native.short_attention_kernel() is None
+    finally:
+        native.short_attention_kernel.cache_clear()
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    native.short_attention_kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build its attention kernel.*false -O3 -march=native"):
+            assert native.short_attention_kernel() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.short_attention_kernel() is None  # remembered: no second attempt, no warning
+    finally:
+        native.short_attention_kernel.cache_clear()
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_built_kernel_is_reused_from_the_cache(monkeypatch, tmp_path, kernel):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    compiler = native._compiler()
+    first = native._build(compiler)
+    assert first.parent == tmp_path / "native" and first.exists()
+    runs: list[list[str]] = []
+    real_run = native.subprocess.run
+
+    def recorded(command, **kwargs):
+        runs.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(native.subprocess, "run", recorded)
+    assert native._build(compiler) == first
+    assert all("-shared" not in command for command in runs)  # found, not compiled again
+    assert not [p for p in first.parent.iterdir() if p != first]  # no scratch left behind
