@@ -9,12 +9,16 @@ measures what it gains.
 It is built on first use with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``),
 for this machine's CPU (``-march=native``), in under a second, and kept in attnlab's cache folder
 (``<cache>/native``: ``$ATTNLAB_CACHE``, else ``~/.cache/attnlab`` on Linux) under a name that
-changes with the source, the compiler and the CPU, so that a change to any of them builds afresh. Where no compiler is found, or ``ATTNLAB_NATIVE=0`` is set, or the build fails
-(with a warning that says why), attnlab trains with PyTorch's operations instead: the same
-numbers to float32 rounding, somewhat slower. Nothing else in attnlab needs a compiler.
+changes with the source, the compiler and the CPU, so that a change to any of them builds afresh.
+Where no compiler is found, or ``ATTNLAB_NATIVE=0`` is set, or the build fails (with a
+warning that quotes the compiler's error; the failure is remembered in the cache, and deleting
+``<cache>/native`` tries again), attnlab trains with PyTorch's operations instead: the same numbers
+to float32 rounding, somewhat slower. Nothing else in attnlab needs a compiler.
 
-Built with OpenMP, the kernel runs on the OpenMP runtime PyTorch has loaded (the dynamic loader
-finds a library of that name already in the process) with ``torch.get_num_threads()`` threads.
+Built with OpenMP, the kernel runs with ``torch.get_num_threads()`` threads on the OpenMP runtime
+PyTorch has loaded, where that is GNU's (the dynamic loader finds a library of that name already in
+the process; PyTorch's Linux wheels ship it); elsewhere on a second runtime. A compiler without
+OpenMP gives a one-thread kernel, with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -58,6 +63,7 @@ def kernel_takes(qkv: Tensor, head_dim: int, mask: Tensor | None) -> bool:
     return (
         qkv.dtype == torch.float32
         and qkv.device.type == "cpu"
+        and qkv.size(0) > 0
         and 0 < qkv.size(1) <= MAX_LEN
         and 0 < head_dim <= MAX_HEAD_DIM
         and head_dim % 8 == 0
@@ -129,26 +135,37 @@ def short_attention_kernel() -> ShortAttentionKernel | None:
         return None
     with _lock:
         try:
-            path = _build(compiler)
-            return ShortAttentionKernel(ctypes.CDLL(str(path)), path)
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+            path, without_openmp = _build(compiler)
+            kernel = ShortAttentionKernel(ctypes.CDLL(str(path)), path)
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UnicodeError) as error:
             warnings.warn(
                 f"attnlab could not build its attention kernel ({error}); training uses PyTorch's "
-                "operations instead (ATTNLAB_NATIVE=0 skips the attempt)",
+                f"operations instead (delete {cache_dir() / 'native'} to try again; ATTNLAB_NATIVE=0 "
+                "skips the attempt)",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return None
+    if without_openmp:
+        warnings.warn(
+            f"attnlab's attention kernel runs on one thread: its OpenMP build failed ({without_openmp}); "
+            f"delete {path.parent} to try again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return kernel
 
 
-def _compiler() -> str | None:
-    named = os.environ.get("CC")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` (which may carry arguments, e.g. ``ccache gcc``), else the
+    first of cc, gcc and clang on the PATH."""
+    named = shlex.split(os.environ.get("CC", ""))
     if named:
-        return shutil.which(named) or named
+        return [shutil.which(named[0]) or named[0], *named[1:]]
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -163,32 +180,46 @@ def _cpu_identity() -> str:
     return "\n".join([platform.machine(), platform.processor(), *seen])
 
 
-def _build(compiler: str) -> Path:
-    """The kernel's shared library in the cache, compiled there first if it is not there yet."""
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=_BUILD_TIMEOUT_S)
+
+
+def _first_error(stderr: str, returncode: int) -> str:
+    """The line of a compiler's output that says what went wrong: its first error, else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [f"exit status {returncode}"])[0 if errors else -1]
+
+
+def _build(compiler: list[str]) -> tuple[Path, str]:
+    """The kernel's shared library in the cache, compiled there first if it is not there yet; and,
+    where that is the build without OpenMP, why the OpenMP build failed ("" otherwise).
+
+    A failed build leaves ``<name>.failed`` holding the compiler's error, so that later processes
+    do not try it again (deleting the folder retries)."""
     source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             timeout=_BUILD_TIMEOUT_S).stdout
+    version = _run([*compiler, "--version"]).stdout
     targets = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join(
-            [source, compiler.encode(), version.encode(), " ".join(flags).encode(), _cpu_identity().encode()]
+            [source, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode(),
+             _cpu_identity().encode()]
         )).hexdigest()[:16]
         targets.append((flags, cache_dir() / "native" / f"short_attention-{key}.so"))
-    for _, target in targets:
-        if target.exists():
-            return target
     errors = []
     for flags, target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            result = subprocess.run(
-                [compiler, *flags, "-std=gnu11", "-fPIC", "-shared", "-o", str(built), str(SOURCE)],
-                capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S,
-            )
-            if result.returncode == 0:
-                os.replace(built, target)  # whole or not at all, also with several processes building
-                return target
-        message = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-        errors.append(f"{Path(compiler).name} {' '.join(flags)}: {message}")
+        failed = target.with_suffix(".failed")
+        if not target.exists() and not failed.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = _run([*compiler, *flags, "-std=gnu11", "-fPIC", "-shared", "-o", str(built), str(SOURCE)])
+                if result.returncode == 0:
+                    os.replace(built, target)  # whole or not at all, also with several processes building
+                else:
+                    failed.write_text(f"{Path(compiler[0]).name} {' '.join(flags)}: "
+                                      f"{_first_error(result.stderr, result.returncode)}\n")
+        if target.exists():
+            return target, ("" if flags == _FLAG_SETS[0] else errors[0])
+        errors.append(failed.read_text(errors="replace").strip())
     raise RuntimeError("; ".join(errors))

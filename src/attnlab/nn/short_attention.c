@@ -30,10 +30,11 @@
 #define MAX_D 256
 
 /* Eight floats, one AVX register where the machine has AVX (GCC's and Clang's vector extension);
-   vf8u is the same, loadable from any float's address. */
+   vf8u and vi8u are the same, loadable from any 4-byte-aligned address. */
 typedef float vf8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef float vf8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t vi8u __attribute__((vector_size(32), aligned(4)));
 
 static inline vf8 load8(const float *p) { return *(const vf8u *)p; }
 static inline void store8(float *p, vf8 x) { *(vf8u *)p = x; }
@@ -168,7 +169,8 @@ static int forward_pairs(const Job *job) {
     const int Tp = (T + 7) & ~7; /* a row of scores, padded to whole registers */
     float *work = malloc(sizeof(float) * ((size_t)D * Tp + (size_t)T * D + (size_t)T * Tp + Tp));
     if (!work) return -2;
-    float *kt = work, *vl = kt + D * Tp, *dropped = vl + T * D, *bias = dropped + T * Tp;
+    float *kt = work, *vl = kt + D * Tp, *dropped = vl + T * D;
+    int32_t *open = (int32_t *)(dropped + T * Tp); /* per key of the current mask row: all ones or 0 */
     const int64_t *ms = job->mask_stride;
     for (int pair = job->begin; pair < job->end; ++pair) {
         const int b = pair / H, h = pair % H;
@@ -177,14 +179,14 @@ static int forward_pairs(const Job *job) {
         transpose(T, D, k, row, kt, Tp);
         matmul(T, Tp, D, q, row, kt, Tp, s, Tp); /* S = Q Kᵀ */
         int keys = 0; /* how many keys the current query may attend to */
-        for (int i = 0; i < T; ++i) { /* bias: 0 for a key the query may attend to, else -inf */
+        for (int i = 0; i < T; ++i) {
             if (i == 0 || (job->mask && ms[2] != 0)) { /* a new row of the mask */
                 const uint8_t *allow = job->mask ? job->mask + b * ms[0] + h * ms[1] + i * ms[2] : NULL;
                 keys = 0;
                 for (int j = 0; j < Tp; ++j) {
-                    const int open = j < T && (!allow || allow[j * ms[3]]);
-                    bias[j] = open ? 0.0f : -INFINITY;
-                    keys += open;
+                    const int may = j < T && (!allow || allow[j * ms[3]]);
+                    open[j] = may ? -1 : 0;
+                    keys += may;
                 }
             }
             float *si = s + i * Tp;
@@ -194,7 +196,10 @@ static int forward_pairs(const Job *job) {
             }
             vf8 top8 = splat8(-INFINITY);
             for (int j = 0; j < Tp; j += 8) {
-                const vf8 x = load8(si + j) * splat8(job->scale) + load8(bias + j);
+                /* a closed key's score is replaced, never added to: an overflowing score stays out */
+                const vi8 may = *(const vi8u *)(open + j);
+                const vf8 x = (vf8)((may & (vi8)(load8(si + j) * splat8(job->scale))) |
+                                    (~may & (vi8)splat8(-INFINITY)));
                 store8(si + j, x);
                 top8 = max8(x, top8);
             }
