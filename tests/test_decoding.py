@@ -399,6 +399,41 @@ def test_search_over_a_large_vocabulary_equals_the_reference(seed, vocab):
         assert got == reference_beam_search(step, start, **common, beam_size=beam, alpha=0.6, n_best=2)
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("seed, vocab", [(0, 8), (1, 2007), (2, 4096)])
+def test_beam_search_from_logits_finds_what_the_search_from_log_probs_finds(monkeypatch, use_kernel, seed, vocab):
+    """With ``logits=True`` the search normalizes the step's scores itself: in attnlab's compiled
+    scoring kernel (one pass: log-softmax, beam scores, selection) where it is available, else with
+    log_softmax. Either way the reference's hypotheses, their scores equal to float32 rounding."""
+    from reference_search import reference_beam_search
+
+    from attnlab.nn import native
+
+    table = _table_step(seed, vocab=vocab, eos_boost=1.5)
+
+    def logits_step(prefix, state):  # the same softmax, each row shifted by its own constant
+        log_probs, state = table(prefix, state)
+        return log_probs + 3.7 * (prefix.sum(dim=1, keepdim=True) % 5).float(), state
+
+    calls = []
+    kernel = native.beam_scores_kernel()
+    if use_kernel:
+        if kernel is None:
+            pytest.skip("no compiled kernels on this machine (no C compiler)")
+        monkeypatch.setattr(native, "beam_scores_kernel", lambda: calls.append(1) or kernel)
+    else:
+        monkeypatch.setattr(native, "beam_scores_kernel", lambda: None)
+    common = dict(batch_size=4, bos_id=1, eos_id=2, max_len=torch.tensor([3, 8, 6, 11]), pad_id=0)
+    start = _Rows(torch.arange(4))
+    for beam in (1, 2, 4):
+        got = beam_search(logits_step, start, **common, beam_size=beam, alpha=0.6, n_best=beam, logits=True)
+        want = reference_beam_search(table, start, **common, beam_size=beam, alpha=0.6, n_best=beam)
+        for a, b in zip(got, want):
+            assert [a.tokens, *(h.tokens for h in a.alternatives)] == [b.tokens, *(h.tokens for h in b.alternatives)]
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+    assert bool(calls) == use_kernel
+
+
 @pytest.mark.parametrize("width", [1000, 1024, 4000, 4003, 16000])
 def test_selection_by_group_maxima_equals_topk_and_argmax(width):
     from attnlab.decode.search import _argmax, _top_k

@@ -174,13 +174,32 @@ def test_multihead_attention_trains_through_the_kernel(monkeypatch, kernel):
     assert not native.kernel_takes(torch.randn(0, 6, 96), 8, None)  # an empty batch
 
 
+@pytest.mark.parametrize("V, R, K", [(4003, 4, 4), (8, 1, 4), (16000, 3, 5), (100, 12, 12)])
+def test_beam_scores_kernel_equals_log_softmax_add_and_topk(kernel, V, R, K):
+    """One pass of the kernel = PyTorch's log_softmax, + beam scores, banned ids at -inf, topk."""
+    gen = torch.Generator().manual_seed(V + R)
+    S, n = 5, min(2 * K, native.MAX_BEAM_CANDIDATES)
+    logits = torch.randn(S * R, V, generator=gen) * 4
+    alive = torch.randn(S, K, generator=gen).sort(dim=1, descending=True).values - 3
+    alive[1, 1:] = float("-inf")  # a sentence with one live beam
+    banned = torch.tensor([0, 1, V - 1])
+    values, indices = native.beam_scores_kernel().top(logits, alive, n, banned)
+    candidates = alive[:, :R, None] + logits.log_softmax(-1).view(S, R, V)
+    candidates[..., banned] = float("-inf")
+    want_values, want_indices = candidates.view(S, R * V).topk(n, dim=-1)
+    finite = torch.isfinite(want_values)
+    assert torch.equal(indices[finite], want_indices[finite])
+    torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
+    assert not torch.isin(indices[finite] % V, banned).any()
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("ATTNLAB_NATIVE", "0")
-    native.short_attention_kernel.cache_clear()
+    native._kernels.cache_clear()
     try:
         assert native.short_attention_kernel() is None
     finally:
-        native.short_attention_kernel.cache_clear()
+        native._kernels.cache_clear()
 
 
 def _fake_compiler(tmp_path, body: str) -> str:
@@ -196,15 +215,15 @@ def test_a_failed_build_warns_once_with_the_error_and_falls_back(monkeypatch, tm
                                         'echo "compilation terminated." >&2\nexit 1\n')
     monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", compiler)
-    native.short_attention_kernel.cache_clear()
+    native._kernels.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"could not build its attention kernel \(fake-cc -O3 "
+        with pytest.warns(RuntimeWarning, match=r"could not build its compiled kernels \(fake-cc -O3 "
                                                  r"-march=native.*error: the real problem.*delete .*native"):
             assert native.short_attention_kernel() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert native.short_attention_kernel() is None  # remembered in this process: no warning
-        native.short_attention_kernel.cache_clear()  # as a new process would: the cache remembers
+        native._kernels.cache_clear()  # as a new process would: the cache remembers
         runs: list[list[str]] = []
         monkeypatch.setattr(native, "_run", lambda command: runs.append(command) or native.subprocess.run(
             command, capture_output=True, text=True))
@@ -212,7 +231,7 @@ def test_a_failed_build_warns_once_with_the_error_and_falls_back(monkeypatch, tm
             assert native.short_attention_kernel() is None
         assert all("-shared" not in command for command in runs)  # not compiled again
     finally:
-        native.short_attention_kernel.cache_clear()
+        native._kernels.cache_clear()
     assert not list(tmp_path.rglob("*.so"))
 
 
@@ -223,29 +242,29 @@ def test_without_openmp_the_kernel_runs_on_one_thread_and_says_so(monkeypatch, t
                                         f'exec {real} "$@"\n')
     monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", compiler)
-    native.short_attention_kernel.cache_clear()
+    native._kernels.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="runs on one thread: its OpenMP build failed.*no OpenMP here"):
+        with pytest.warns(RuntimeWarning, match="run on one thread: their OpenMP build failed.*no OpenMP here"):
             single = native.short_attention_kernel()
         assert single is not None and single.path.parent == tmp_path / "cache" / "native"
         qkv = torch.randn(2, 5, 3 * H * 8, generator=torch.Generator().manual_seed(0))
         weights, out = single.forward(qkv, H, None, 0.3, None)
         torch.testing.assert_close(out, kernel.forward(qkv, H, None, 0.3, None)[1])
     finally:
-        native.short_attention_kernel.cache_clear()
+        native._kernels.cache_clear()
 
 
 def test_a_compiler_command_may_carry_arguments(monkeypatch, tmp_path, kernel):
     monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", f"env ATTNLAB_TEST=1 {native._compiler()[0]}")  # as CC="ccache gcc" would
-    native.short_attention_kernel.cache_clear()
+    native._kernels.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             built = native.short_attention_kernel()
         assert built is not None and built.path.parent == tmp_path / "native"
     finally:
-        native.short_attention_kernel.cache_clear()
+        native._kernels.cache_clear()
 
 
 def test_a_built_kernel_is_reused_from_the_cache(monkeypatch, tmp_path, kernel):

@@ -32,7 +32,7 @@ def test_installed_wheel_carries_the_corpora_and_trains(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "attnlab/data/bundled/multi30k/train.de.gz" in names
     assert "attnlab/data/bundled/tinyshakespeare/input.txt" in names
-    assert "attnlab/nn/short_attention.c" in names  # the attention kernel's source, built on first use
+    assert "attnlab/nn/csrc/short_attention.c" in names  # the kernels' sources, built on first use
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", str(venv))
@@ -51,7 +51,7 @@ def test_installed_wheel_carries_the_corpora_and_trains(tmp_path):
                   "--eval-sentences", "5", "--average-last", "0", "--no-progress", cwd=work, env=env)
     assert "summary:" in trained.stdout
     assert any((tmp_path / "cache" / "prepared").iterdir())  # Multi30k prepared into the private cache
-    assert list((tmp_path / "cache" / "native").glob("short_attention-*.so"))  # and the kernel built there
+    assert list((tmp_path / "cache" / "native").glob("kernels-*.so"))  # and the kernels built there
     assert "could not build" not in trained.stderr
     scored = run(attnlab, "evaluate", "--checkpoint", "run", "--limit", "5", "--beam", "1", cwd=work, env=env)
     assert "BLEU (cased)" in scored.stdout and "chrF2++" in scored.stdout

@@ -28,6 +28,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from attnlab.nn import native
+
 __all__ = ["StepFn", "Hypothesis", "greedy_search", "beam_search", "sample", "length_penalty"]
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
@@ -148,11 +150,27 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
     return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
 
 
+def _beam_kernel(scores: Tensor, logits: bool, one_row_per_beam: bool, n_top: int) -> "native.BeamScoresKernel | None":
+    """attnlab's compiled scoring step, where it applies: logits on the CPU in float32, each beam
+    with its own row, at most ``native.MAX_BEAM_CANDIDATES`` extensions kept per sentence."""
+    if not (logits and one_row_per_beam and scores.device.type == "cpu" and scores.dtype == torch.float32
+            and n_top <= native.MAX_BEAM_CANDIDATES):
+        return None
+    return native.beam_scores_kernel()
+
+
+def _cut_top(alive: Tensor, beams: int, V: int, eos_id: int, n_top: int) -> tuple[Tensor, Tensor]:
+    """The best extensions of sentences at their length limit: EOS alone, at each beam's score."""
+    ended = torch.full((len(alive), beams, V), float("-inf"), device=alive.device)
+    ended[:, :, eos_id] = alive[:, :beams]
+    return ended.view(len(alive), beams * V).topk(n_top, dim=-1)
+
+
 @torch.no_grad()
 def beam_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
     *, pad_id: int, beam_size: int = 4, alpha: float = 0.6, device: torch.device | str = "cpu",
-    n_best: int = 1,
+    n_best: int = 1, logits: bool = False,
 ) -> list[Hypothesis]:
     """Batched beam search with GNMT length penalty, as in the paper (beam 4, alpha 0.6).
 
@@ -172,6 +190,11 @@ def beam_search(
     Flax's WMT decoder. Once its ``n_best``-th best finished score reaches that bound, what the
     search returns for the sentence is settled (a later equal score ranks after it), and stopping
     there returns exactly what searching on to K finishers would.
+
+    ``step`` returns log-probabilities, or with ``logits=True`` logits, which the search normalizes
+    itself: on the CPU, in float32, where attnlab's compiled kernels are available
+    (``attnlab.nn.native``), in one pass with the beam scores and the selection; else with
+    ``log_softmax``. Both give the same log-probabilities to the last bit or so of float32.
 
     ``state`` must describe B rows; it is expanded to B·K here (after the first step, which all
     beams share). Returns one ``Hypothesis`` per row;
@@ -201,8 +224,8 @@ def beam_search(
     bound_penalty = torch.tensor([most_penalty[n - 1] for n in limits.tolist()], dtype=torch.float64, device=device)
 
     for t in range(longest):
-        log_probs, state = step(prefix, state)  # (Bl·R, V)
-        Bl, V = len(live), log_probs.size(-1)
+        scores, state = step(prefix, state)  # (Bl·R, V) log-probabilities, or logits
+        Bl, V = len(live), scores.size(-1)
         n_top = min(2 * K, K * V)
         at_limit = t + 1 >= limits  # (Bl,) at its length limit a hypothesis is cut: it ends with EOS, at no cost
         cut = at_limit.nonzero()[:, 0] if at_limit.any() else None
@@ -210,13 +233,20 @@ def beam_search(
         # beam 0 is alive (the others are at -inf, and so are their extensions), so one row stands
         # for all K unless it holds fewer than 2K extensions.
         beams = R if R * V >= n_top else K
-        candidates = alive_logp[:, :beams, None] + log_probs.float().view(Bl, R, V).expand(Bl, beams, V)
-        candidates.index_fill_(-1, banned, float("-inf"))  # a tensor of our own, filled in place
-        if cut is not None:
-            ended = torch.full((len(cut), beams, V), float("-inf"), device=device)
-            ended[:, :, eos_id] = alive_logp[cut, :beams]
-            candidates[cut] = ended
-        top_logp, top_index = _top_k(candidates.view(Bl, beams * V), n_top)  # (Bl, 2K), best first
+        kernel = _beam_kernel(scores, logits, beams == R, n_top)
+        if kernel is not None:  # log-softmax, scores and selection in one pass (attnlab.nn.native)
+            top_logp, top_index = kernel.top(scores, alive_logp, n_top, banned)
+            if cut is not None:
+                top_logp[cut], top_index[cut] = _cut_top(alive_logp[cut], beams, V, eos_id, n_top)
+        else:
+            log_probs = scores.float().log_softmax(dim=-1) if logits else scores.float()
+            candidates = alive_logp[:, :beams, None] + log_probs.view(Bl, R, V).expand(Bl, beams, V)
+            candidates.index_fill_(-1, banned, float("-inf"))  # a tensor of our own, filled in place
+            if cut is not None:
+                ended = torch.full((len(cut), beams, V), float("-inf"), device=device)
+                ended[:, :, eos_id] = alive_logp[cut, :beams]
+                candidates[cut] = ended
+            top_logp, top_index = _top_k(candidates.view(Bl, beams * V), n_top)  # (Bl, 2K), best first
         top_beam, top_token = top_index // V, top_index % V  # (Bl, 2K)
 
         is_eos = top_token == eos_id

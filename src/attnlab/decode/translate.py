@@ -12,6 +12,7 @@ A source longer than the model's positions is cut, with a warning, in one place:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -180,8 +181,9 @@ class Translator:
             self.model.train(was_training)
 
     def _search(self, sources: list[list[int]], config: DecodeConfig) -> list[list[int]]:
-        greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised
-        step, state = self.start_search(self.run_encoder(sources), config.use_cache, log_probs=not greedy)
+        greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised;
+        # beam search normalizes them itself, with its scoring (in one pass where it can)
+        step, state = self.start_search(self.run_encoder(sources), config.use_cache, log_probs=False)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,
@@ -189,7 +191,7 @@ class Translator:
         )
         if greedy:
             return greedy_search(**search)
-        return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha)]
+        return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha, logits=True)]
 
     def run_encoder(self, sources: list[list[int]]) -> Encoded:
         """The source id lists encoded (the model in evaluation mode) in consecutive pieces of at most
@@ -220,7 +222,7 @@ class Translator:
             if self.int8:
                 raise ConfigError("int8 decoding runs through the cached lean step: use_cache=False is the "
                                   "float32 reference path")
-            return SearchStart(self._uncached_step, encoded)
+            return SearchStart(functools.partial(self._uncached_step, log_probs=log_probs), encoded)
         packed = self._decoder()
 
         def step(prefix: Tensor, state: fast_decode.LeanDecoderState) -> tuple[Tensor, fast_decode.LeanDecoderState]:
@@ -233,9 +235,9 @@ class Translator:
         """The decoder's packed weights: views of the parameters, or the int8 copy taken at ``__init__``."""
         return self._int8_decoder if self._int8_decoder is not None else fast_decode.pack_decoder(self.model)
 
-    def _uncached_step(self, prefix: Tensor, encoded: Encoded) -> tuple[Tensor, Encoded]:
-        logits = self.model.decode(prefix, encoded).logits  # (N, t, V)
-        return logits[:, -1].float().log_softmax(dim=-1), encoded
+    def _uncached_step(self, prefix: Tensor, encoded: Encoded, log_probs: bool = True) -> tuple[Tensor, Encoded]:
+        logits = self.model.decode(prefix, encoded).logits[:, -1].float()  # (N, V)
+        return (logits.log_softmax(dim=-1) if log_probs else logits), encoded
 
     def translate(
         self, sentences: Sequence[str], config: DecodeConfig = DecodeConfig(), progress: bool = False

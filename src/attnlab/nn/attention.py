@@ -250,7 +250,7 @@ class _ShortSelfAttention(torch.autograd.Function):
         H, D = num_heads, E3 // (3 * num_heads)
         kernel = native.short_attention_kernel() if native.kernel_takes(qkv, D, mask) else None
         ctx.kernel, ctx.scale, ctx.num_heads = kernel, scale, num_heads
-        if kernel is not None:  # the compiled kernel (nn/short_attention.c): the same maths
+        if kernel is not None:  # the compiled kernel (nn/csrc/short_attention.c): the same maths
             # Dropout's masks drawn first: no other draw happens in between, so the same draws.
             kept = _kept_and_scaled(torch.Size((B * H, T, T)), dropout_p, qkv.dtype) if dropout_p > 0 else None
             qkv = qkv.contiguous()

@@ -1,24 +1,27 @@
-"""attnlab's one compiled kernel: multi-head self-attention over short sequences, for training on the CPU.
+"""attnlab's compiled kernels, for the two places where a pass in C beats a sequence of PyTorch calls.
 
-``short_attention.c`` (beside this file) computes what ``attention._ShortSelfAttention`` computes
-with PyTorch's operations, forward and backward, reading the fused projection where it lies and
-writing the results where the next layer wants them: no reordering of Q, K, V into heads and back,
-and no per-matrix overhead of batched products of 24 x 32 matrices. ``benchmarks/bench_core.py``
-measures what it gains.
+- Training: multi-head self-attention over short sequences (``csrc/short_attention.c``), forward
+  and backward, the compiled form of ``attention._ShortSelfAttention``. It reads the fused
+  projection where it lies and writes the results where the next layer wants them: no reordering of
+  Q, K, V into heads and back, and no per-matrix overhead of batched products of 24 x 32 matrices.
+- Decoding: beam search's scoring step (``csrc/beam_scores.c``): log-softmax, beam scores and the
+  best 2K extensions per sentence in one pass over the logits, instead of three.
 
-It is built on first use with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``),
-for this machine's CPU (``-march=native``), in under a second, and kept in attnlab's cache folder
-(``<cache>/native``: ``$ATTNLAB_CACHE``, else ``~/.cache/attnlab`` on Linux) under a name that
-changes with the source, the compiler and the CPU, so that a change to any of them builds afresh.
-Where no compiler is found, or ``ATTNLAB_NATIVE=0`` is set, or the build fails (with a
-warning that quotes the compiler's error; the failure is remembered in the cache, and deleting
-``<cache>/native`` tries again), attnlab trains with PyTorch's operations instead: the same numbers
-to float32 rounding, somewhat slower. Nothing else in attnlab needs a compiler.
+``benchmarks/bench_core.py`` and ``benchmarks/bench_translate.py`` measure what they gain.
 
-Built with OpenMP, the kernel runs with ``torch.get_num_threads()`` threads on the OpenMP runtime
+They are built on first use with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``), for this machine's CPU (``-march=native``), in under a second, into one library kept in
+attnlab's cache folder (``<cache>/native``: ``$ATTNLAB_CACHE``, else ``~/.cache/attnlab`` on Linux)
+under a name that changes with the sources, the compiler and the CPU, so that a change to any of
+them builds afresh. Where no compiler is found, or ``ATTNLAB_NATIVE=0`` is set, or the build fails
+(with a warning that quotes the compiler's error; the failure is remembered in the cache, and
+deleting ``<cache>/native`` tries again), attnlab runs the same maths with PyTorch's operations
+instead: the same numbers to float32 rounding, somewhat slower. Nothing else needs a compiler.
+
+Built with OpenMP, the kernels run with ``torch.get_num_threads()`` threads on the OpenMP runtime
 PyTorch has loaded, where that is GNU's (the dynamic loader finds a library of that name already in
 the process; PyTorch's Linux wheels ship it); elsewhere on a second runtime. A compiler without
-OpenMP gives a one-thread kernel, with a warning.
+OpenMP gives one-thread kernels, with a warning.
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ from torch import Tensor
 
 from attnlab.folders import cache_dir
 
-__all__ = ["ShortAttentionKernel", "short_attention_kernel", "kernel_takes", "MAX_LEN", "MAX_HEAD_DIM"]
+__all__ = [
+    "ShortAttentionKernel", "BeamScoresKernel", "short_attention_kernel", "beam_scores_kernel", "kernel_takes",
+    "MAX_LEN", "MAX_HEAD_DIM", "MAX_BEAM_CANDIDATES",
+]
 
-SOURCE = Path(__file__).with_name("short_attention.c")
-MAX_LEN = 64  # the kernel's limits (MAX_T, MAX_D and D % 8 in short_attention.c)
+SOURCES = Path(__file__).with_name("csrc")  # the C files, built together into one library
+MAX_LEN = 64  # the attention kernel's limits (MAX_T, MAX_D and D % 8 in short_attention.c)
 MAX_HEAD_DIM = 256
+MAX_BEAM_CANDIDATES = 64  # MAX_N in beam_scores.c
 _BUILD_TIMEOUT_S = 120
 # Tried in order: with OpenMP, then without (one thread). Both for this CPU's own instructions:
 # built for a generic x86-64 the kernel was 4x slower, slower than PyTorch's operations. GCC turns
@@ -72,7 +79,7 @@ def kernel_takes(qkv: Tensor, head_dim: int, mask: Tensor | None) -> bool:
 
 
 class ShortAttentionKernel:
-    """The loaded kernel, called with tensors. ``forward`` returns the softmax weights (kept for
+    """The attention kernel, called with tensors. ``forward`` returns the softmax weights (kept for
     the backward pass, (B·H, T, T8) with T8 = T rounded up to a multiple of 8, zero beyond T) and
     the heads' outputs merged, (B, T, E); ``backward`` returns the gradient of ``qkv``."""
 
@@ -113,6 +120,33 @@ class ShortAttentionKernel:
         return grad_qkv
 
 
+class BeamScoresKernel:
+    """Beam search's scoring step: ``top(logits, alive, n, banned)`` for logits (S·R, V) of S
+    sentences with R live beams each and beam scores ``alive`` (S, K), K >= R, returns the n best
+    ``alive + log_softmax(logits)`` candidates of each sentence, best first, not counting the
+    ``banned`` token ids: values (S, n) and indices (S, n) into each sentence's R·V candidates."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._top = library.attnlab_beam_scores
+        self._top.argtypes = [pointer, pointer, integer, integer, integer, integer, integer, pointer, integer,
+                              pointer, pointer, integer]
+        self._top.restype = integer
+
+    def top(self, logits: Tensor, alive: Tensor, n: int, banned: Tensor) -> tuple[Tensor, Tensor]:
+        S, K = alive.shape
+        R, V = logits.size(0) // max(S, 1), logits.size(1)
+        logits, alive, banned = logits.contiguous(), alive.contiguous(), banned.contiguous()
+        values = logits.new_empty(S, n)
+        indices = torch.empty(S, n, dtype=torch.int64)
+        status = self._top(logits.data_ptr(), alive.data_ptr(), S, R, K, V, n, banned.data_ptr(), banned.numel(),
+                           values.data_ptr(), indices.data_ptr(), torch.get_num_threads())
+        if status != 0:  # beam_search keeps other shapes away: this is a bug of attnlab's
+            raise RuntimeError(f"attnlab's beam-scoring kernel refused S={S} R={R} K={K} V={V} n={n}")
+        return values, indices
+
+
 def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -124,10 +158,28 @@ def _check(status: int, B: int, T: int, H: int, D: int) -> None:
         raise RuntimeError(f"attnlab's attention kernel refused the shape B={B} T={T} H={H} D={D}")
 
 
-@functools.cache
+class _Kernels:
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.attention = ShortAttentionKernel(library, path)
+        self.beam_scores = BeamScoresKernel(library, path)
+
+
 def short_attention_kernel() -> ShortAttentionKernel | None:
-    """The kernel, built on the first call of the process (or found in the cache); None where it
-    is switched off (``ATTNLAB_NATIVE=0``), no C compiler is found, or building it failed."""
+    """The attention kernel (built on the first call of the process, or found in the cache); None
+    where the kernels are switched off (``ATTNLAB_NATIVE=0``), no C compiler is found, or building
+    them failed."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.attention
+
+
+def beam_scores_kernel() -> BeamScoresKernel | None:
+    """The beam-scoring kernel; None where ``short_attention_kernel`` is None."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.beam_scores
+
+
+@functools.cache
+def _kernels() -> _Kernels | None:
     if os.environ.get("ATTNLAB_NATIVE", "1").strip() in ("0", "false", "no", "off"):
         return None
     compiler = _compiler()
@@ -136,24 +188,23 @@ def short_attention_kernel() -> ShortAttentionKernel | None:
     with _lock:
         try:
             path, without_openmp = _build(compiler)
-            kernel = ShortAttentionKernel(ctypes.CDLL(str(path)), path)
+            kernels = _Kernels(ctypes.CDLL(str(path)), path)
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, UnicodeError) as error:
             warnings.warn(
-                f"attnlab could not build its attention kernel ({error}); training uses PyTorch's "
-                f"operations instead (delete {cache_dir() / 'native'} to try again; ATTNLAB_NATIVE=0 "
-                "skips the attempt)",
+                f"attnlab could not build its compiled kernels ({error}); it uses PyTorch's operations "
+                f"instead (delete {cache_dir() / 'native'} to try again; ATTNLAB_NATIVE=0 skips the attempt)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return None
     if without_openmp:
         warnings.warn(
-            f"attnlab's attention kernel runs on one thread: its OpenMP build failed ({without_openmp}); "
+            f"attnlab's compiled kernels run on one thread: their OpenMP build failed ({without_openmp}); "
             f"delete {path.parent} to try again",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return kernel
+    return kernels
 
 
 def _compiler() -> list[str] | None:
@@ -192,20 +243,21 @@ def _first_error(stderr: str, returncode: int) -> str:
 
 
 def _build(compiler: list[str]) -> tuple[Path, str]:
-    """The kernel's shared library in the cache, compiled there first if it is not there yet; and,
+    """The kernels' shared library in the cache, compiled there first if it is not there yet; and,
     where that is the build without OpenMP, why the OpenMP build failed ("" otherwise).
 
     A failed build leaves ``<name>.failed`` holding the compiler's error, so that later processes
     do not try it again (deleting the folder retries)."""
-    source = SOURCE.read_bytes()
+    sources = sorted(SOURCES.glob("*.c"))
+    text = b"\0".join(path.read_bytes() for path in sorted(SOURCES.iterdir()) if path.suffix in (".c", ".h"))
     version = _run([*compiler, "--version"]).stdout
     targets = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join(
-            [source, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode(),
+            [text, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode(),
              _cpu_identity().encode()]
         )).hexdigest()[:16]
-        targets.append((flags, cache_dir() / "native" / f"short_attention-{key}.so"))
+        targets.append((flags, cache_dir() / "native" / f"kernels-{key}.so"))
     errors = []
     for flags, target in targets:
         failed = target.with_suffix(".failed")
@@ -213,7 +265,8 @@ def _build(compiler: list[str]) -> tuple[Path, str]:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
-                result = _run([*compiler, *flags, "-std=gnu11", "-fPIC", "-shared", "-o", str(built), str(SOURCE)])
+                result = _run([*compiler, *flags, "-std=gnu11", "-fPIC", "-shared", "-o", str(built),
+                               *map(str, sources)])
                 if result.returncode == 0:
                     os.replace(built, target)  # whole or not at all, also with several processes building
                 else:
