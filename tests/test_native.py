@@ -189,7 +189,7 @@ def test_beam_scores_kernel_equals_log_softmax_add_and_topk(kernel, V, R, K):
     want_values, want_indices = candidates.view(S, R * V).topk(n, dim=-1)
     finite = torch.isfinite(want_values)
     assert torch.equal(indices[finite], want_indices[finite])
-    torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
+    torch.testing.assert_close(values, want_values, rtol=1e-6, atol=1e-6)  # its sum of exps: a few ulp
     assert not torch.isin(indices[finite] % V, banned).any()
 
 

@@ -11,8 +11,9 @@
    candidates are finite the rest are -inf at index 0.
 
    PyTorch's way (attnlab.decode.search, the reference for this kernel) writes the log-softmax,
-   then the S x R·V candidates, then selects: three passes over memory where this makes one read,
-   exp included, and compares eight candidates at a time against the n-th best so far. */
+   then the S x R·V candidates, then selects: three passes over memory where this reads the logits
+   three times from the cache (maximum, sum of exponentials, selection), and the selection passes
+   over each block of 64 logits whose largest cannot beat the n-th best candidate so far. */
 
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +21,7 @@
 #include "vec8.h"
 
 #define MAX_N 64
+#define BLOCK 64 /* logits tested together against the floor by their maximum */
 
 static void sentence(const float *logits, const float *alive, int R, int V, int n, const int64_t *banned,
                      int nbanned, float *values, int64_t *indices) {
@@ -30,24 +32,34 @@ static void sentence(const float *logits, const float *alive, int R, int V, int 
         const float *x = logits + (int64_t)r * V;
         const float a = alive[r];
         if (a == -INFINITY) continue;
+        /* the maximum and the sum of exponentials, each with independent running values, so that
+           one vector operation does not wait for the one before */
         int v = 0;
-        vf8 top8 = splat8(-INFINITY);
-        for (; v + 8 <= V; v += 8) top8 = max8(load8(x + v), top8);
-        float top = largest8(top8);
+        vf8 top8[4] = {splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY)};
+        for (; v + 32 <= V; v += 32)
+            for (int u = 0; u < 4; ++u) top8[u] = max8(load8(x + v + 8 * u), top8[u]);
+        for (; v + 8 <= V; v += 8) top8[0] = max8(load8(x + v), top8[0]);
+        float top = largest8(max8(max8(top8[0], top8[1]), max8(top8[2], top8[3])));
         for (; v < V; ++v) top = x[v] > top ? x[v] : top;
-        vf8 total8 = splat8(0.0f);
-        for (v = 0; v + 8 <= V; v += 8) total8 += exp8_nonpositive(load8(x + v) - splat8(top));
-        float total = sum8(total8);
+        vf8 total8[2] = {splat8(0.0f), splat8(0.0f)};
+        for (v = 0; v + 16 <= V; v += 16)
+            for (int u = 0; u < 2; ++u) total8[u] += exp8_nonpositive(load8(x + v + 8 * u) - splat8(top));
+        for (; v + 8 <= V; v += 8) total8[0] += exp8_nonpositive(load8(x + v) - splat8(top));
+        float total = sum8(total8[0] + total8[1]);
         for (; v < V; ++v) total += expf(x[v] - top);
         const float log_total = logf(total);
         float floor = have == n ? best[n - 1] : -INFINITY; /* what a candidate must beat */
-        for (int v0 = 0; v0 < V; v0 += 8) {
-            const int v1 = v0 + 8 <= V ? v0 + 8 : V;
-            if (v1 - v0 == 8) { /* eight at a time: most blocks hold nothing above the floor */
-                const vf8 c = splat8(a) + ((load8(x + v0) - splat8(top)) - splat8(log_total));
-                const vi8 above = c > splat8(floor);
-                if (!(above[0] | above[1] | above[2] | above[3] | above[4] | above[5] | above[6] | above[7]))
-                    continue;
+        for (int v0 = 0; v0 < V; v0 += BLOCK) {
+            const int v1 = v0 + BLOCK <= V ? v0 + BLOCK : V;
+            if (v1 - v0 == BLOCK && have == n) {
+                /* A block whose largest logit cannot make a candidate above the floor is passed over:
+                   its best candidate would be a + ((x - top) - log_total), which (within the margin
+                   for rounding) is above the floor only if x is above this. */
+                const float bar = floor - a + top + log_total;
+                const float margin = 1e-5f * (fabsf(bar) + fabsf(a) + fabsf(top) + fabsf(log_total)) + 1e-30f;
+                vf8 most = load8(x + v0);
+                for (int u = v0 + 8; u < v1; u += 8) most = max8(load8(x + u), most);
+                if (!(largest8(most) > bar - margin)) continue;
             }
             for (v = v0; v < v1; ++v) {
                 const float c = a + ((x[v] - top) - log_total);
