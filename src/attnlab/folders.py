@@ -1,5 +1,5 @@
 """attnlab's folder on the user's machine: the cache, shared by every layer that keeps files there
-(prepared corpora in ``attnlab.data.cache``, the compiled attention kernel in ``attnlab.nn.native``)."""
+(prepared corpora in ``attnlab.data.cache``, the compiled kernels in ``attnlab.nn.native``)."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
     return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
 
 
-def _beam_kernel(scores: Tensor, logits: bool, one_row_per_beam: bool, n_top: int) -> "native.BeamScoresKernel | None":
+def _beam_kernel(scores: Tensor, logits: bool, one_row_per_beam: bool, n_top: int) -> native.BeamScoresKernel | None:
     """attnlab's compiled scoring step, where it applies: logits on the CPU in float32, each beam
     with its own row, at most ``native.MAX_BEAM_CANDIDATES`` extensions kept per sentence."""
     if not (logits and one_row_per_beam and scores.device.type == "cpu" and scores.dtype == torch.float32

@@ -230,9 +230,9 @@ class _ShortSelfAttention(torch.autograd.Function):
     softmax(Q Kᵀ · scale) V per head. In float32, with a head dimension that is a multiple of 8, the
     compiled kernel of ``attnlab.nn.native`` computes it where it could be built; otherwise (and
     as the readable statement of the same maths) two batched matrix products with the weights kept
-    for the backward pass, which writes the Q, K and V gradients into one (B, T, 3E) tensor. PyTorch's fused
-    CPU kernel walks (batch, head) blocks sized for long sequences, zero-fills its gradients and
-    leaves their concatenation to autograd: at 128 x 24 tokens this path is faster
+    for the backward pass, which writes the Q, K and V gradients into one (B, T, 3E) tensor.
+    PyTorch's fused CPU kernel walks (batch, head) blocks sized for long sequences, zero-fills its
+    gradients and leaves their concatenation to autograd: at 128 x 24 tokens this path is faster
     (``benchmarks/bench_core.py``); in a first measurement with 3072 tokens a batch the fused kernel
     was about as fast at 48-64 positions and faster at 128, hence ``SHORT_ATTENTION_MAX_LEN``.
     Longer sequences take the other paths (the fused kernel, or the reference one for dropout).
