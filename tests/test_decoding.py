@@ -434,6 +434,27 @@ def test_beam_search_from_logits_finds_what_the_search_from_log_probs_finds(monk
     assert bool(calls) == use_kernel
 
 
+def test_beam_search_from_float32_logits_under_a_float64_default_dtype():
+    """The beam scores are float32 whatever the default dtype, so the float32 logits of a float32
+    model still take the compiled kernel, and sentences cut at their length limit still finish."""
+    from reference_search import reference_beam_search
+
+    table = _table_step(0, vocab=50, eos_boost=0.0)
+    common = dict(batch_size=3, bos_id=1, eos_id=2, max_len=torch.tensor([2, 5, 3]), pad_id=0)
+    start = _Rows(torch.arange(3))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        def step32(prefix, state):  # float32 log-probabilities, which also serve as logits
+            return table(prefix, state)[0].float(), state
+
+        want = reference_beam_search(step32, start, **common, beam_size=3, alpha=0.6)
+        got = beam_search(step32, start, **common, beam_size=3, alpha=0.6, logits=True)
+    finally:
+        torch.set_default_dtype(before)
+    assert [h.tokens for h in got] == [h.tokens for h in want]
+
+
 @pytest.mark.parametrize("width", [1000, 1024, 4000, 4003, 16000])
 def test_selection_by_group_maxima_equals_topk_and_argmax(width):
     from attnlab.decode.search import _argmax, _top_k

@@ -193,6 +193,17 @@ def test_beam_scores_kernel_equals_log_softmax_add_and_topk(kernel, V, R, K):
     assert not torch.isin(indices[finite] % V, banned).any()
 
 
+def test_beam_scores_kernel_refuses_what_it_would_misread(kernel):
+    top = native.beam_scores_kernel().top
+    logits, alive, banned = torch.randn(6, 10), torch.zeros(3, 2), torch.tensor([0])
+    with pytest.raises(ValueError, match="alive must be a CPU torch.float32"):
+        top(logits, alive.double(), 4, banned)
+    with pytest.raises(ValueError, match="banned must be a CPU torch.int64"):
+        top(logits, alive, 4, banned.int())
+    with pytest.raises(ValueError, match=r"logits must be \(S·R, V\)"):
+        top(torch.randn(7, 10), alive, 4, banned)
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("ATTNLAB_NATIVE", "0")
     native._kernels.cache_clear()

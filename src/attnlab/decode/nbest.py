@@ -33,12 +33,12 @@ def translate_n_best(
     was_training = model.training
     model.eval()
     try:
-        step, state = translator.start_search(translator.run_encoder(sources), config.use_cache)
+        step, state = translator.start_search(translator.run_encoder(sources), config.use_cache, log_probs=False)
         vocab = translator.tgt_vocab
         best = beam_search(
             step, state, len(sources), vocab.bos_id, vocab.eos_id, translator.max_lengths(sources, config),
             pad_id=vocab.pad_id, beam_size=config.beam_size, alpha=config.alpha, device=translator.device,
-            n_best=n_best,
+            n_best=n_best, logits=True,  # as Translator searches, so that its best is translate_ids' result
         )
     finally:
         model.train(was_training)

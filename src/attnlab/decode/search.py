@@ -150,18 +150,21 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
     return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
 
 
-def _beam_kernel(scores: Tensor, logits: bool, one_row_per_beam: bool, n_top: int) -> native.BeamScoresKernel | None:
-    """attnlab's compiled scoring step, where it applies: logits on the CPU in float32, each beam
-    with its own row, at most ``native.MAX_BEAM_CANDIDATES`` extensions kept per sentence."""
-    if not (logits and one_row_per_beam and scores.device.type == "cpu" and scores.dtype == torch.float32
-            and n_top <= native.MAX_BEAM_CANDIDATES):
+def _beam_kernel(
+    scores: Tensor, alive: Tensor, logits: bool, one_row_per_beam: bool, n_top: int
+) -> native.BeamScoresKernel | None:
+    """attnlab's compiled scoring step, where it applies: logits and beam scores on the CPU in
+    float32, each beam with its own row, at most ``native.MAX_BEAM_CANDIDATES`` extensions kept per
+    sentence."""
+    on_cpu_in_float32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (scores, alive))
+    if not (logits and one_row_per_beam and on_cpu_in_float32 and n_top <= native.MAX_BEAM_CANDIDATES):
         return None
     return native.beam_scores_kernel()
 
 
 def _cut_top(alive: Tensor, beams: int, V: int, eos_id: int, n_top: int) -> tuple[Tensor, Tensor]:
     """The best extensions of sentences at their length limit: EOS alone, at each beam's score."""
-    ended = torch.full((len(alive), beams, V), float("-inf"), device=alive.device)
+    ended = torch.full((len(alive), beams, V), float("-inf"), dtype=alive.dtype, device=alive.device)
     ended[:, :, eos_id] = alive[:, :beams]
     return ended.view(len(alive), beams * V).topk(n_top, dim=-1)
 
@@ -194,7 +197,8 @@ def beam_search(
     ``step`` returns log-probabilities, or with ``logits=True`` logits, which the search normalizes
     itself: on the CPU, in float32, where attnlab's compiled kernels are available
     (``attnlab.nn.native``), in one pass with the beam scores and the selection; else with
-    ``log_softmax``. Both give the same log-probabilities to the last bit or so of float32.
+    ``log_softmax``. Both give the same log-probabilities to the last bit or so of float32; where two
+    candidates score exactly the same, the kernel keeps the one with the smaller index.
 
     ``state`` must describe B rows; it is expanded to B·K here (after the first step, which all
     beams share). Returns one ``Hypothesis`` per row;
@@ -217,7 +221,7 @@ def beam_search(
     # sentence); its log-probabilities stand for every beam, and the rows become K after it (R = K).
     R = 1
     prefix = torch.full((B, 1), bos_id, dtype=torch.long, device=device)  # (Bl·R, 1)
-    alive_logp = torch.full((B, K), float("-inf"), device=device)
+    alive_logp = torch.full((B, K), float("-inf"), dtype=torch.float32, device=device)
     alive_logp[:, 0] = 0.0  # all beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     live = list(range(B))  # the input sentence of each sentence still searched
@@ -233,7 +237,7 @@ def beam_search(
         # beam 0 is alive (the others are at -inf, and so are their extensions), so one row stands
         # for all K unless it holds fewer than 2K extensions.
         beams = R if R * V >= n_top else K
-        kernel = _beam_kernel(scores, logits, beams == R, n_top)
+        kernel = _beam_kernel(scores, alive_logp, logits, beams == R, n_top)
         if kernel is not None:  # log-softmax, scores and selection in one pass (attnlab.nn.native)
             top_logp, top_index = kernel.top(scores, alive_logp, n_top, banned)
             if cut is not None:

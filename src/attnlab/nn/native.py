@@ -137,6 +137,13 @@ class BeamScoresKernel:
     def top(self, logits: Tensor, alive: Tensor, n: int, banned: Tensor) -> tuple[Tensor, Tensor]:
         S, K = alive.shape
         R, V = logits.size(0) // max(S, 1), logits.size(1)
+        for name, tensor, dtype in (("logits", logits, torch.float32), ("alive", alive, torch.float32),
+                                    ("banned", banned, torch.int64)):
+            if tensor.device.type != "cpu" or tensor.dtype != dtype:
+                raise ValueError(f"{name} must be a CPU {dtype} tensor, got {tensor.dtype} on {tensor.device}")
+        if logits.dim() != 2 or logits.size(0) != S * R or not 1 <= R <= K:
+            raise ValueError(f"logits must be (S·R, V) for S={S} sentences and 1 <= R <= K={K}, "
+                             f"got {tuple(logits.shape)}")
         logits, alive, banned = logits.contiguous(), alive.contiguous(), banned.contiguous()
         values = logits.new_empty(S, n)
         indices = torch.empty(S, n, dtype=torch.int64)

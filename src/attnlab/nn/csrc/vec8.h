@@ -36,8 +36,8 @@ static inline float sum8(vf8 x) {
 
 /* exp(x) for x <= 0 (scores minus their row's maximum), to about 2 ulp: x = n ln2 + r with
    |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (truncation error below 1e-8), and 2^n
-   written into the exponent bits.  Below -87 the result would be denormal: it is 0 here, and
-   -inf (a masked key) gives 0 too; NaN stays NaN. */
+   written into the exponent bits.  Below -87 (e^-87 is near the smallest normal float) it is 0
+   here, and -inf (a masked key) gives 0 too; NaN stays NaN. */
 static inline vf8 exp8_nonpositive(vf8 x) {
     const vi8 keep = (x >= splat8(-87.0f)) | (x != x);
     x = (vf8)((vi8)x & keep);                       /* x = 0 where out of range: no overflow below */
