@@ -240,17 +240,13 @@ def beam_search(
         kernel = _beam_kernel(scores, alive_logp, logits, beams == R, n_top)
         if kernel is not None:  # log-softmax, scores and selection in one pass (attnlab.nn.native)
             top_logp, top_index = kernel.top(scores, alive_logp, n_top, banned)
-            if cut is not None:
-                top_logp[cut], top_index[cut] = _cut_top(alive_logp[cut], beams, V, eos_id, n_top)
         else:
             log_probs = scores.float().log_softmax(dim=-1) if logits else scores.float()
             candidates = alive_logp[:, :beams, None] + log_probs.view(Bl, R, V).expand(Bl, beams, V)
             candidates.index_fill_(-1, banned, float("-inf"))  # a tensor of our own, filled in place
-            if cut is not None:
-                ended = torch.full((len(cut), beams, V), float("-inf"), device=device)
-                ended[:, :, eos_id] = alive_logp[cut, :beams]
-                candidates[cut] = ended
             top_logp, top_index = _top_k(candidates.view(Bl, beams * V), n_top)  # (Bl, 2K), best first
+        if cut is not None:  # sentences at their length limit: EOS alone, whatever the step scored
+            top_logp[cut], top_index[cut] = _cut_top(alive_logp[cut], beams, V, eos_id, n_top)
         top_beam, top_token = top_index // V, top_index % V  # (Bl, 2K)
 
         is_eos = top_token == eos_id

@@ -250,9 +250,9 @@ class _ShortSelfAttention(torch.autograd.Function):
         H, D = num_heads, E3 // (3 * num_heads)
         kernel = native.short_attention_kernel() if native.kernel_takes(qkv, D, mask) else None
         ctx.kernel, ctx.scale, ctx.num_heads = kernel, scale, num_heads
+        # The weights' dropout masks, (B·H, T, T), drawn first: the only draw of either path.
+        kept = _kept_and_scaled(torch.Size((B * H, T, T)), dropout_p, qkv.dtype) if dropout_p > 0 else None
         if kernel is not None:  # the compiled kernel (nn/csrc/short_attention.c): the same maths
-            # Dropout's masks drawn first: no other draw happens in between, so the same draws.
-            kept = _kept_and_scaled(torch.Size((B * H, T, T)), dropout_p, qkv.dtype) if dropout_p > 0 else None
             qkv = qkv.contiguous()
             weights, out = kernel.forward(qkv, H, mask, scale, kept)
             ctx.save_for_backward(qkv, weights, kept)
@@ -266,7 +266,6 @@ class _ShortSelfAttention(torch.autograd.Function):
             has_key = mask.any(dim=-1, keepdim=True)
             if not bool(has_key.all()):
                 weights.view(B, H, T, T).masked_fill_(~has_key, 0.0)
-        kept = _kept_and_scaled(weights.shape, dropout_p, weights.dtype) if dropout_p > 0 else None
         ctx.save_for_backward(q, k, v, weights, kept)
         out = torch.bmm(weights if kept is None else weights * kept, v)  # (B·H, T, D)
         return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
