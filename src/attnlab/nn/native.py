@@ -258,13 +258,13 @@ def _build(compiler: list[str]) -> tuple[Path, str]:
     sources = sorted(SOURCES.glob("*.c"))
     text = b"\0".join(path.read_bytes() for path in sorted(SOURCES.iterdir()) if path.suffix in (".c", ".h"))
     version = _run([*compiler, "--version"]).stdout
+    machine, folder = _cpu_identity(), cache_dir() / "native"
     targets = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join(
-            [text, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode(),
-             _cpu_identity().encode()]
+            [text, " ".join(compiler).encode(), version.encode(), " ".join(flags).encode(), machine.encode()]
         )).hexdigest()[:16]
-        targets.append((flags, cache_dir() / "native" / f"kernels-{key}.so"))
+        targets.append((flags, folder / f"kernels-{key}.so"))
     errors = []
     for flags, target in targets:
         failed = target.with_suffix(".failed")
