@@ -288,4 +288,21 @@ def test_a_built_kernel_is_reused_from_the_cache(monkeypatch, tmp_path, kernel):
     monkeypatch.setattr(native, "_run", lambda command: runs.append(command) or real_run(command))
     assert native._build(compiler) == (first, "")
     assert all("-shared" not in command for command in runs)  # found, not compiled again
-    assert not [p for p in first.parent.iterdir() if p != first]  # no scratch left behind
+    assert {p.name for p in first.parent.iterdir()} == {first.name, first.stem + ".sha256"}  # no scratch left
+
+
+def test_a_damaged_cached_library_is_built_again_not_loaded(monkeypatch, tmp_path, kernel):
+    """A truncated shared library would crash the process that loads it: its digest no longer
+    matches the one recorded at build time, so it is rebuilt instead."""
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    compiler = native._compiler()
+    library, _ = native._build(compiler)
+    whole = library.read_bytes()
+    library.write_bytes(whole[:1000])
+    assert native._build(compiler) == (library, "")
+    assert native._intact(library) and library.stat().st_size > 1000  # a whole library again
+    native._kernels.cache_clear()
+    try:
+        assert native.short_attention_kernel() is not None
+    finally:
+        native._kernels.cache_clear()

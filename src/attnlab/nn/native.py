@@ -249,12 +249,23 @@ def _first_error(stderr: str, returncode: int) -> str:
     return (errors or lines or [f"exit status {returncode}"])[0 if errors else -1]
 
 
+def _intact(library: Path) -> bool:
+    """Whether a cached library is the file that was built: its SHA-256 matches the one recorded
+    beside it at build time. A truncated shared library crashes the process that loads it (SIGBUS)."""
+    try:
+        recorded = library.with_suffix(".sha256").read_text().strip()
+        return recorded == hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return False
+
+
 def _build(compiler: list[str]) -> tuple[Path, str]:
     """The kernels' shared library in the cache, compiled there first if it is not there yet; and,
     where that is the build without OpenMP, why the OpenMP build failed ("" otherwise).
 
     A failed build leaves ``<name>.failed`` holding the compiler's error, so that later processes
-    do not try it again (deleting the folder retries)."""
+    do not try it again (deleting the folder retries). A library whose recorded digest no longer
+    matches is built again."""
     sources = sorted(SOURCES.glob("*.c"))
     text = b"\0".join(path.read_bytes() for path in sorted(SOURCES.iterdir()) if path.suffix in (".c", ".h"))
     version = _run([*compiler, "--version"]).stdout
@@ -268,13 +279,18 @@ def _build(compiler: list[str]) -> tuple[Path, str]:
     errors = []
     for flags, target in targets:
         failed = target.with_suffix(".failed")
+        if target.exists() and not _intact(target):  # damaged since: loading it could crash the process
+            target.unlink(missing_ok=True)
         if not target.exists() and not failed.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
                 result = _run([*compiler, *flags, "-std=gnu11", "-fPIC", "-shared", "-o", str(built),
                                *map(str, sources)])
-                if result.returncode == 0:
+                if result.returncode == 0:  # its digest first, then the library, each renamed into place
+                    digest = Path(scratch) / "digest"
+                    digest.write_text(hashlib.sha256(built.read_bytes()).hexdigest())
+                    os.replace(digest, target.with_suffix(".sha256"))
                     os.replace(built, target)  # whole or not at all, also with several processes building
                 else:
                     failed.write_text(f"{Path(compiler[0]).name} {' '.join(flags)}: "
