@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from attnlab.data.corpus import load_multi30k  # noqa: E402
 from attnlab.decode.load import load_checkpoint  # noqa: E402
 from attnlab.decode.translate import DecodeConfig, load_translator  # noqa: E402
+from attnlab.errors import AttnlabError  # noqa: E402
 from attnlab.nn import native  # noqa: E402
 
 
@@ -40,8 +41,11 @@ def main() -> None:
     kernel = native.beam_scores_kernel()
     if kernel is None:
         raise SystemExit("no compiled kernels here (no C compiler, ATTNLAB_NATIVE=0, or a failed build)")
-    translator = load_translator(args.checkpoint)
-    languages = load_checkpoint(args.checkpoint, "translation").languages
+    try:
+        translator = load_translator(args.checkpoint)
+        languages = load_checkpoint(args.checkpoint, "translation").languages
+    except AttnlabError as error:
+        raise SystemExit(f"bench_beam_kernel.py: {error}") from None
     sources = [src for src, _ in load_multi30k("test_2016_flickr", *languages)]
     config = DecodeConfig(beam_size=args.beam)
 
