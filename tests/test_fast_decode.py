@@ -10,7 +10,7 @@ from torch import nn
 from attnlab.data.batching import pad_sequences
 from attnlab.decode.generate import generate
 from attnlab.decode.translate import DecodeConfig, Translator
-from attnlab.nn import fast_decode
+from attnlab.nn import fast_decode, native
 from attnlab.nn.model import DecoderOnlyTransformer, Transformer
 
 
@@ -146,12 +146,20 @@ class _Ids:  # a vocabulary stand-in: only the special ids matter here
     pad_id, bos_id, eos_id = PAD, BOS, EOS
 
 
+needs_kernels = pytest.mark.skipif(native.decoder_attention_kernel() is None,
+                                   reason="attnlab's compiled kernels could not be built here (no C compiler?)")
+PATHS = [False, pytest.param(True, marks=needs_kernels)]
+PATH_IDS = ["pytorch", "compiled"]
+
+
+@pytest.mark.parametrize("compiled", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
-def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_first, share):
+def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_first, share, compiled):
     model = _transformer(norm_first, share)
     packed = fast_decode.pack_decoder(model)
     encoded = model.encode(pad_sequences(SOURCES, PAD))
-    lean, modules = fast_decode.start_decoding(packed, encoded), model.start_decoding(encoded)
+    lean, modules = fast_decode.start_decoding(packed, encoded, compiled), model.start_decoding(encoded)
+    assert type(lean) is (fast_decode.NativeDecoderState if compiled else fast_decode.LeanDecoderState)
     tokens = torch.randint(3, 40, (9, 6), generator=torch.Generator().manual_seed(2))
     # Beams of three per source, reordered within their sources, then rows leaving, then any order.
     selections = [torch.arange(3).repeat_interleave(3), torch.tensor([2, 0, 0, 3, 5, 4, 8, 8, 6]),
@@ -160,12 +168,17 @@ def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_f
     for i, index in enumerate(selections):
         if index is not None:
             lean, modules, rows = lean.select(index), modules.select(index), rows[index]
-        sources = None if lean.sources is None else lean.sources.tolist()
-        groups.append((lean.rows_per_source, len(lean.src_mask), sources))
+        if not compiled:
+            sources = None if lean.sources is None else lean.sources.tolist()
+            groups.append((lean.rows_per_source, len(lean.src_mask), sources))
         logits, lean = fast_decode.decoder_step(packed, tokens[rows, i : i + 1], lean)
         expected, modules, _, _ = model.decode_step(tokens[rows, i : i + 1], modules)
         torch.testing.assert_close(logits, expected[:, 0], atol=1e-5, rtol=0)
     assert lean.length == modules.length == len(selections)
+    if compiled:  # nothing gathered: each step's projection kept as it was written, the rows named by maps
+        assert [len(qkv) for qkv in lean.steps[0]] == [9, 9, 9, 6, 4]
+        assert lean.memory_kv[0].shape == (3 * encoded.memory.size(1), 2 * 32)
+        return
     # The sources' keys/values stay one per source while the rows keep in groups of three (beams); when
     # two of the three sentences remain they stay in place, the groups naming their sources (0 and 2);
     # once the groups are split and repeated they are gathered, one per row.
@@ -177,7 +190,7 @@ def test_sources_keys_and_values_are_gathered_once_fewer_than_half_are_read():
     packed = fast_decode.pack_decoder(model)
     sources = SOURCES + SOURCES[:1]  # four sentences, one row each (greedy search)
     encoded = model.encode(pad_sequences(sources, PAD))
-    lean, modules = fast_decode.start_decoding(packed, encoded), model.start_decoding(encoded)
+    lean, modules = fast_decode.start_decoding(packed, encoded, compiled=False), model.start_decoding(encoded)
     tokens = torch.randint(3, 40, (4, 4), generator=torch.Generator().manual_seed(3))
     rows, seen = torch.arange(4), []
     for i, index in enumerate([None, torch.tensor([0, 2, 3]), torch.tensor([0, 2]), torch.tensor([1])]):
@@ -191,9 +204,12 @@ def test_sources_keys_and_values_are_gathered_once_fewer_than_half_are_read():
     assert seen == [(4, None), (4, [0, 2, 3]), (4, [0, 3]), (1, None)]
 
 
+@pytest.mark.parametrize("compiled", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("beam", [1, 3])
-def test_lean_translation_equals_the_module_reference(norm_first, share, beam):
+def test_lean_translation_equals_the_module_reference(norm_first, share, beam, compiled, monkeypatch):
+    if not compiled:  # the path PyTorch's operations take (as on a GPU)
+        monkeypatch.setattr(fast_decode, "_takes_native", lambda packed, memory: False)
     translator = Translator(_transformer(norm_first, share), _Ids(), _Ids())
     lean = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, extra_len=10))
     modules = translator.translate_ids(SOURCES, DecodeConfig(beam_size=beam, extra_len=10, use_cache=False))
@@ -201,10 +217,11 @@ def test_lean_translation_equals_the_module_reference(norm_first, share, beam):
     assert any(len(ids) > 2 for ids in lean)  # real multi-step decodes were compared
 
 
-def test_two_searches_from_one_state_do_not_disturb_each_other():
+@pytest.mark.parametrize("compiled", PATHS, ids=PATH_IDS)
+def test_two_searches_from_one_state_do_not_disturb_each_other(compiled):
     model = _transformer(False, False)
     packed = fast_decode.pack_decoder(model)
-    start = fast_decode.start_decoding(packed, model.encode(pad_sequences(SOURCES, PAD))).select(
+    start = fast_decode.start_decoding(packed, model.encode(pad_sequences(SOURCES, PAD)), compiled).select(
         torch.arange(3).repeat_interleave(2))  # two rows per source
     generator = torch.Generator().manual_seed(4)
     ours, theirs = (torch.randint(3, 40, (6, 5), generator=generator) for _ in range(2))
@@ -227,6 +244,14 @@ def test_two_searches_from_one_state_do_not_disturb_each_other():
     # The first state is still the empty one: a third search from it starts afresh.
     logits, _ = fast_decode.decoder_step(packed, ours[:, :1], start)
     assert torch.equal(logits, expected_ours[0])
+    # And a state two steps in, stepped twice: the two continuations see the same past.
+    state = start
+    for i in range(2):
+        _, state = fast_decode.decoder_step(packed, ours[:, i : i + 1], state)
+    first, _ = fast_decode.decoder_step(packed, ours[:, 2:3], state)
+    fork, _ = fast_decode.decoder_step(packed, theirs[:, 2:3], state)
+    again, _ = fast_decode.decoder_step(packed, ours[:, 2:3], state)
+    assert torch.equal(first, again) and not torch.equal(first, fork)
 
 
 def test_decoder_step_refuses_what_it_cannot_do():

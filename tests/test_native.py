@@ -174,6 +174,27 @@ def test_multihead_attention_trains_through_the_kernel(monkeypatch, kernel):
     assert not native.kernel_takes(torch.randn(0, 6, 96), 8, None)  # an empty batch
 
 
+def test_evaluation_without_gradients_runs_the_kernels_forward_pass(monkeypatch, kernel):
+    """No gradient wanted (an encoder while translating): the kernel's forward alone, equal to
+    PyTorch's fused attention; with dropout in training, or with gradients, not this way."""
+    calls = _calls(monkeypatch, kernel)
+    mha = MultiHeadAttention(32, 4, dropout=0.1).eval()
+    x = torch.randn(3, 9, 32)
+    pad = (torch.arange(9) < torch.tensor([[9], [4], [1]]))[:, None, None, :]  # (B, 1, 1, T)
+    with torch.no_grad():
+        fast = mha.self_attention(x, pad).output
+        assert calls == [1]
+        monkeypatch.setattr(MultiHeadAttention, "_inference_kernel", lambda self, qkv, mask: None)
+        reference = mha.self_attention(x, pad).output
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    calls = _calls(monkeypatch, kernel)
+    with torch.no_grad():
+        mha.train().self_attention(x, pad)  # dropout on the weights: the reference paths draw it
+    mha.eval().self_attention(x, pad)  # gradients wanted (x does not need them, the weights do)
+    assert calls == [1]  # the training path's forward, through autograd
+
+
 @pytest.mark.parametrize("V, R, K", [(4003, 4, 4), (8, 1, 4), (16000, 3, 5), (100, 12, 12)])
 def test_beam_scores_kernel_equals_log_softmax_add_and_topk(kernel, V, R, K):
     """One pass of the kernel = PyTorch's log_softmax, + beam scores, banned ids at -inf, topk."""
@@ -202,6 +223,84 @@ def test_beam_scores_kernel_refuses_what_it_would_misread(kernel):
         top(logits, alive, 4, banned.int())
     with pytest.raises(ValueError, match=r"logits must be \(S·R, V\)"):
         top(torch.randn(7, 10), alive, 4, banned)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, open_: torch.Tensor | None, scale: float):
+    """float64 reference: one query (H, D) over keys/values (n, H, D), closed positions left out."""
+    scores = torch.einsum("hd,nhd->hn", q.double(), k.double()) * scale
+    if open_ is not None:
+        scores = scores.masked_fill(~open_, float("-inf"))
+    return torch.einsum("hn,nhd->hd", scores.softmax(-1), v.double()).reshape(-1)
+
+
+@pytest.mark.parametrize("H, D", [(4, 8), (2, 32), (3, 12), (1, 4), (2, 64)])
+@pytest.mark.parametrize("t1", [1, 7, 8, 9, 23, 40])
+def test_decoder_self_attention_follows_the_rows_through_every_step(kernel, H, D, t1):
+    """Row r of the newest step attends to the keys of its own line of rows, step by step back
+    through the parent maps (None: the rows stayed in place); eight keys at a time and the rest."""
+    gen = torch.Generator().manual_seed(t1 * 100 + D)
+    E = H * D
+    counts = [int(torch.randint(1, 6, (), generator=gen)) for _ in range(t1)]
+    steps = [torch.randn(n, 3 * E, generator=gen) for n in counts]
+    parents = [None] + [None if p % 3 == 0 and counts[p] == counts[p - 1]
+                        else torch.randint(0, counts[p - 1], (counts[p],), generator=gen) for p in range(1, t1)]
+    scale = 0.7
+    out = native.decoder_attention_kernel().self_attention(
+        tuple(x.data_ptr() for x in steps), tuple(0 if m is None else m.data_ptr() for m in parents),
+        counts[-1], H, D, scale)
+    assert out.shape == (counts[-1], E)
+    for r in range(counts[-1]):
+        line, slot = [], r
+        for p in range(t1 - 1, -1, -1):
+            line.append(steps[p][slot])
+            slot = slot if parents[p] is None else int(parents[p][slot])
+        rows = torch.stack(line[::-1]).view(t1, 3, H, D)
+        want = _attend(steps[-1][r, :E].view(H, D), rows[:, 1], rows[:, 2], None, scale)
+        torch.testing.assert_close(out[r].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("H, D", [(4, 8), (2, 32), (3, 12), (1, 4)])
+@pytest.mark.parametrize("S", [1, 8, 13, 64])
+def test_decoder_cross_attention_reads_each_rows_source_and_its_open_positions(kernel, H, D, S):
+    gen = torch.Generator().manual_seed(S * 10 + D)
+    Bs, E = 4, H * D
+    memory = torch.randn(Bs * S, 2 * E, generator=gen) * 2
+    mask = torch.rand(Bs, S, generator=gen) < 0.7
+    mask[:, 0] = True  # every source has an open position (start_decoding checks it)
+    sources = torch.tensor([3, 0, 0, 2, 3, 1])
+    q = torch.randn(len(sources), E + 5, generator=gen)[:, :E]  # rows of a wider tensor: a row stride of E + 5
+    attend = native.decoder_attention_kernel().cross_attention
+    out = attend(memory, mask, sources, q, H, 0.3)
+    kv = memory.view(Bs, S, 2, H, D)
+    for r, source in enumerate(sources.tolist()):
+        want = _attend(q[r].view(H, D), kv[source, :, 0], kv[source, :, 1], mask[source][None], 0.3)
+        torch.testing.assert_close(out[r].double(), want, rtol=1e-5, atol=1e-6)
+    # No sources: row r reads source r.
+    torch.testing.assert_close(attend(memory, mask, None, q[:Bs], H, 0.3), attend(memory, mask, torch.arange(Bs), q[:Bs], H, 0.3),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contiguous memory"):
+        attend(memory[:, :E], mask, sources, q, H, 0.3)
+
+
+def test_decoder_attention_threads_split_the_rows_without_changing_a_bit(kernel):
+    gen = torch.Generator().manual_seed(5)
+    steps = [torch.randn(300, 3 * 64, generator=gen) for _ in range(12)]
+    parents = [None] + [torch.randint(0, 300, (300,), generator=gen) for _ in range(11)]
+    memory, mask = torch.randn(300 * 20, 128, generator=gen), torch.ones(300, 20, dtype=torch.bool)
+    attention = native.decoder_attention_kernel()
+    outs = []
+    before = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            outs.append((attention.self_attention(tuple(x.data_ptr() for x in steps),
+                                                  tuple(0 if m is None else m.data_ptr() for m in parents), 300, 4,
+                                                  16, 0.25),
+                         attention.cross_attention(memory, mask, None, steps[-1][:, :64], 4, 0.25)))
+        finally:
+            torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 
 
 def test_switched_off_by_the_environment(monkeypatch):

@@ -570,13 +570,27 @@ class MultiHeadAttention(nn.Module):
     ) -> SelfAttentionOutput:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3E)
         q, k, v = (self._split_heads(t) for t in qkv.split(self.d_model, dim=-1))  # (B, H, T, D) each, views
-        if past is None and not need_weights and _use_short_attention(qkv):
+        if past is None and not need_weights:
             scale = 1.0 / math.sqrt(self.head_dim)
-            out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, scale, self._dropout_p)
-            return SelfAttentionOutput(self.w_o(out), KV(k, v), None)
+            if _use_short_attention(qkv):
+                out = _ShortSelfAttention.apply(qkv, self.num_heads, mask, scale, self._dropout_p)
+                return SelfAttentionOutput(self.w_o(out), KV(k, v), None)
+            kernel = self._inference_kernel(qkv, mask)
+            if kernel is not None:  # no gradient wanted: the kernel's forward pass alone
+                _, out = kernel.forward(qkv.contiguous(), self.num_heads, mask, scale, None)
+                return SelfAttentionOutput(self.w_o(out), KV(k, v), None)
         kv = KV(k, v) if past is None else past.extend(KV(k, v))  # (B, H, t + T, D)
         out, weights = self._attend_heads(q, kv, mask, need_weights)
         return SelfAttentionOutput(out, kv, weights)
+
+    def _inference_kernel(self, qkv: Tensor, mask: Tensor | None) -> native.ShortAttentionKernel | None:
+        """The compiled kernel for self-attention that needs no gradient (evaluation, translating's
+        encoder): short sequences on the CPU, no dropout, where the kernel takes the shapes."""
+        if (qkv.requires_grad and torch.is_grad_enabled()) or self._dropout_p > 0 or _functorch_active():
+            return None
+        if qkv.device.type != "cpu" or qkv.size(1) > SHORT_ATTENTION_MAX_LEN:
+            return None
+        return native.short_attention_kernel() if native.kernel_takes(qkv, self.head_dim, mask) else None
 
     @property
     def _dropout_p(self) -> float:

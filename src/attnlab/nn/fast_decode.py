@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .attention import KV, MultiHeadAttention, causal_mask
 from .layers import (
     DecoderLayer,
@@ -38,8 +39,8 @@ from .layers import (
 )
 from .model import DecoderOnlyTransformer, Encoded, LMState, TokenEmbedding, Transformer
 
-__all__ = ["PackedLM", "pack", "step", "PackedDecoder", "LeanDecoderState", "pack_decoder", "start_decoding",
-           "decoder_step"]
+__all__ = ["PackedLM", "pack", "step", "PackedDecoder", "LeanDecoderState", "NativeDecoderState", "pack_decoder",
+           "start_decoding", "decoder_step"]
 
 Affine = tuple[Tensor, Tensor]  # a LayerNorm's (γ, β), or a Linear's (Wᵀ (in, out), b): x Wᵀ + b
 
@@ -396,14 +397,75 @@ def _group_size(sources: list[int]) -> int:
     return G
 
 
+class NativeDecoderState(NamedTuple):
+    """``decoder_step``'s state where the compiled attention kernel runs (``attnlab.nn.native``,
+    ``csrc/decode_attention.c``): a value too, but nothing in it is ever copied, gathered or grown.
+
+    Each step's fused projection (N_p, 3E) is kept as the step wrote it, with the map from its rows
+    to the rows of the step before (beam search reorders rows, finished ones leave); the kernel
+    follows those maps to find each row's keys and values. The sources' keys and values stay as
+    projected, (Bs·S, 2E), each row naming the source it reads. ``select`` only composes maps, and
+    a step adds one projection and one map: tuples that grow, holding tensors no step writes to
+    again, so two searches from one state cannot disturb each other."""
+
+    memory_kv: tuple[Tensor, ...]  # per layer: each source position's cross-attention key and value, (Bs·S, 2E)
+    src_mask: Tensor  # (Bs, S), True = a source position the decoder may attend to
+    steps: tuple[tuple[Tensor, ...], ...]  # per layer: each step's fused projection (N_p, 3E), oldest first
+    addresses: tuple[tuple[int, ...], ...]  # per layer: their data pointers, for the kernel
+    parents: tuple[Tensor | None, ...]  # per step: the rows of the step before its rows continue; None: the same
+    parent_addresses: tuple[int, ...]  # their data pointers (0 for None)
+    rows: Tensor | None  # the rows of the last step the next step continues, (N,); None: all, in order
+    sources: Tensor | None  # the source each row of the next step reads, (N,); None: row r reads source r
+    length: int  # target positions decoded so far
+
+    def select(self, index: Tensor) -> "NativeDecoderState":
+        """Keep (or repeat, or reorder) rows, as ``DecoderState.select`` does: maps composed, nothing copied."""
+        index = index.to(device="cpu", dtype=torch.int64).contiguous()
+        rows = None if self.length == 0 else index if self.rows is None else self.rows.index_select(0, index)
+        sources = index if self.sources is None else self.sources.index_select(0, index)
+        return self._replace(rows=rows, sources=sources)
+
+    @property
+    def num_rows(self) -> int:
+        return self.src_mask.size(0) if self.sources is None else self.sources.numel()
+
+
+def _takes_native(packed: PackedDecoder, memory: Tensor) -> bool:
+    """Whether the compiled attention kernel decodes this: float32 on the CPU, within its positions."""
+    return (
+        memory.device.type == "cpu"
+        and memory.dtype == torch.float32
+        and packed.embedding.dtype == torch.float32
+        and packed.positions.size(0) <= native.MAX_DECODE_POSITIONS
+        and memory.size(1) <= native.MAX_DECODE_POSITIONS
+        and native.decoder_attention_kernel() is not None
+    )
+
+
 @torch.no_grad()
-def start_decoding(packed: PackedDecoder, encoded: Encoded) -> LeanDecoderState:
+def start_decoding(packed: PackedDecoder, encoded: Encoded,
+                   compiled: bool | None = None) -> LeanDecoderState | NativeDecoderState:
     """The empty state of a decode from ``encoded`` (one row per source): each decoder layer's
-    cross-attention keys and values, projected once."""
+    cross-attention keys and values, projected once.
+
+    ``compiled``: whether the steps' attentions run in attnlab's compiled kernel (a
+    ``NativeDecoderState``) or in PyTorch's operations (a ``LeanDecoderState``, the reference);
+    None (the default) takes the kernel where it runs: float32 on the CPU, once it could be built.
+    """
     memory, src_mask = encoded.memory, encoded.src_mask
     Bs, S, E = memory.shape
     _require(bool(src_mask.any(dim=-1).all()), "every source has a position the decoder may attend to")
+    if compiled is None:
+        compiled = _takes_native(packed, memory)
+    elif compiled and not _takes_native(packed, memory):
+        raise ValueError("the compiled decoder attention runs float32 on the CPU, with attnlab's kernels built "
+                         "(see attnlab.nn.native), within its positions")
     H = packed.num_heads
+    if compiled:
+        memory_kv = tuple(_apply(memory.reshape(Bs * S, E), layer.cross_kv).contiguous() for layer in packed.layers)
+        mask = src_mask.reshape(Bs, S).contiguous()
+        empty = ((),) * len(packed.layers)
+        return NativeDecoderState(memory_kv, mask, empty, empty, (), (), None, None, 0)
     memory_kv = []
     for layer in packed.layers:
         kv = _apply(memory.reshape(Bs * S, E), layer.cross_kv)  # (Bs·S, 2E)
@@ -429,13 +491,16 @@ def _grow(past: Tensor | None, rows: Tensor | None, new: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState) -> tuple[Tensor, LeanDecoderState]:
+def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState | NativeDecoderState
+                 ) -> tuple[Tensor, LeanDecoderState | NativeDecoderState]:
     """Logits (N, V) of one new token per row, ``tokens`` (N, 1), and the grown state.
 
     Reproduces ``Transformer.decode_step`` (tests/test_fast_decode.py). Token ids are trusted: they
     come from the search, which takes them from the model's own vocabulary. No gradients: decoding
     needs none.
     """
+    if type(state) is NativeDecoderState:
+        return _native_step(packed, tokens, state)
     N, T = tokens.shape
     t, G = state.length, state.rows_per_source
     Bs = state.src_mask.size(0)  # memory rows
@@ -488,4 +553,46 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState)
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
     state = LeanDecoderState(state.memory_kv, state.src_mask, G, tuple(new_kv), None, t + 1, state.sources)
+    return _apply(x, packed.output), state  # (N, V)
+
+
+def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderState) -> tuple[Tensor, NativeDecoderState]:
+    """``decoder_step`` with its attentions in the compiled kernel: the same layers, in the same order."""
+    N, T = tokens.shape
+    if T != 1 or N != state.num_rows:
+        raise ValueError(f"decoder_step takes one token for each of the state's {state.num_rows} rows, "
+                         f"got {tuple(tokens.shape)}")
+    t = state.length
+    if t + 1 > packed.positions.size(0):
+        raise ValueError(f"{t + 1} positions do not fit the model's {packed.positions.size(0)}")
+    kernel = native.decoder_attention_kernel()
+    H, E = packed.num_heads, packed.embedding.size(1)
+    D = E // H
+    scale = 1.0 / math.sqrt(D)
+    x = torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)  # (N, E)
+    parents = state.parents + (state.rows,)
+    parent_addresses = state.parent_addresses + (0 if state.rows is None else state.rows.data_ptr(),)
+    steps, addresses = [], []
+    for layer, memory, past, past_addresses in zip(packed.layers, state.memory_kv, state.steps, state.addresses):
+        h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
+        qkv = _apply(h, layer.qkv).contiguous()  # (N, 3E): this step's queries, and its keys and values kept
+        steps.append(past + (qkv,))
+        addresses.append(past_addresses + (qkv.data_ptr(),))
+        attended = kernel.self_attention(addresses[-1], parent_addresses, N, H, D, scale)  # (N, E)
+        x = _apply(attended, layer.self_out).add_(x)
+        if not packed.norm_first:
+            x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
+        h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
+        attended = kernel.cross_attention(memory, state.src_mask, state.sources, _apply(h, layer.cross_q), H, scale)
+        x = _apply(attended, layer.cross_out).add_(x)
+        if not packed.norm_first:
+            x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
+        h = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS) if packed.norm_first else x
+        x = _apply(_apply(h, layer.ff1).relu_(), layer.ff2).add_(x)
+        if not packed.norm_first:
+            x = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS)
+    if packed.final_norm is not None:
+        x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
+    state = NativeDecoderState(state.memory_kv, state.src_mask, tuple(steps), tuple(addresses), parents,
+                               parent_addresses, None, state.sources, t + 1)
     return _apply(x, packed.output), state  # (N, V)

@@ -5,7 +5,10 @@
   projection where it lies and writes the results where the next layer wants them: no reordering of
   Q, K, V into heads and back, and no per-matrix overhead of batched products of 24 x 32 matrices.
 - Decoding: beam search's scoring step (``csrc/beam_scores.c``): log-softmax, beam scores and the
-  best 2K extensions per sentence in one pass over the logits, instead of three.
+  best 2K extensions per sentence in one pass over the logits, instead of three; and the decoder
+  step's two attentions (``csrc/decode_attention.c``), one query per row, reading each step's keys
+  and values where its projection wrote them and following the rows' moves between steps, so that
+  the cache is never copied, gathered or grown (``attnlab.nn.fast_decode``).
 
 ``benchmarks/bench_core.py`` and ``benchmarks/bench_translate.py`` measure what they gain.
 
@@ -45,14 +48,16 @@ from torch import Tensor
 from attnlab.folders import cache_dir
 
 __all__ = [
-    "ShortAttentionKernel", "BeamScoresKernel", "short_attention_kernel", "beam_scores_kernel", "kernel_takes",
-    "MAX_LEN", "MAX_HEAD_DIM", "MAX_BEAM_CANDIDATES",
+    "ShortAttentionKernel", "BeamScoresKernel", "DecoderAttentionKernel", "short_attention_kernel",
+    "beam_scores_kernel", "decoder_attention_kernel", "kernel_takes", "MAX_LEN", "MAX_HEAD_DIM",
+    "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
 ]
 
 SOURCES = Path(__file__).with_name("csrc")  # the C files, built together into one library
 MAX_LEN = 64  # the attention kernel's limits (MAX_T, MAX_D and D % 8 in short_attention.c)
 MAX_HEAD_DIM = 256
 MAX_BEAM_CANDIDATES = 64  # MAX_N in beam_scores.c
+MAX_DECODE_POSITIONS = 4096  # MAX_POSITIONS in decode_attention.c: target steps, source positions
 _BUILD_TIMEOUT_S = 120
 # Tried in order: with OpenMP, then without (one thread). Both for this CPU's own instructions:
 # built for a generic x86-64 the kernel was 4x slower, slower than PyTorch's operations. GCC turns
@@ -154,6 +159,53 @@ class BeamScoresKernel:
         return values, indices
 
 
+class DecoderAttentionKernel:
+    """The decoder step's attentions, one query per row (``csrc/decode_attention.c``); the caller
+    (``fast_decode``) holds the tensors behind every address it passes alive during the call.
+
+    ``self_attention(steps, parents, N, H, D, scale)``: ``steps`` the addresses of each step's fused
+    projection (N_p, 3E), oldest first, the newest holding the queries; ``parents`` per step the
+    address of its (N_p,) int64 map to the rows of the step before, or 0 where the rows stayed as
+    they were. ``cross_attention(memory, mask, sources, q, scale)``: ``memory`` (Bs·S, 2E) keys and
+    values per source position, ``mask`` (Bs, S) bool, ``sources`` (N,) int64 or None (row r reads
+    source r), queries ``q`` (N, E). Both return (N, E)."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        pointer, integer, real, wide = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+        self._self = library.attnlab_decoder_self_attention
+        self._self.argtypes = [pointer, pointer, integer, integer, integer, integer, real, pointer, integer]
+        self._self.restype = integer
+        self._cross = library.attnlab_decoder_cross_attention
+        self._cross.argtypes = [pointer, pointer, pointer, integer, integer, integer, integer, pointer, wide, real,
+                                pointer, integer]
+        self._cross.restype = integer
+
+    def self_attention(self, steps: tuple[int, ...], parents: tuple[int, ...], N: int, H: int, D: int,
+                       scale: float) -> Tensor:
+        t1 = len(steps)
+        out = torch.empty(N, H * D)
+        status = self._self((ctypes.c_void_p * t1)(*steps), (ctypes.c_void_p * t1)(*parents), t1, N, H, D, scale,
+                            out.data_ptr(), torch.get_num_threads())
+        if status != 0:  # fast_decode keeps other shapes away: this is a bug of attnlab's
+            raise RuntimeError(f"attnlab's decoder self-attention kernel refused t={t1} N={N} H={H} D={D}")
+        return out
+
+    def cross_attention(self, memory: Tensor, mask: Tensor, sources: Tensor | None, q: Tensor, H: int,
+                        scale: float) -> Tensor:
+        N, E = q.shape
+        Bs, S = mask.shape
+        if q.stride(1) != 1 or memory.shape != (Bs * S, 2 * E) or not memory.is_contiguous() or not mask.is_contiguous():
+            raise ValueError(f"cross_attention takes contiguous memory (Bs·S, 2E) and mask (Bs, S) and rows of q "
+                             f"(N, E), got {tuple(memory.shape)}, {tuple(mask.shape)} and {tuple(q.shape)}")
+        out = q.new_empty(N, E)
+        status = self._cross(memory.data_ptr(), mask.data_ptr(), _pointer(sources), N, S, H, E // H, q.data_ptr(),
+                             q.stride(0), scale, out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"attnlab's decoder cross-attention kernel refused S={S} N={N} H={H} E={E}")
+        return out
+
+
 def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -169,6 +221,7 @@ class _Kernels:
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.attention = ShortAttentionKernel(library, path)
         self.beam_scores = BeamScoresKernel(library, path)
+        self.decoder_attention = DecoderAttentionKernel(library, path)
 
 
 def short_attention_kernel() -> ShortAttentionKernel | None:
@@ -183,6 +236,12 @@ def beam_scores_kernel() -> BeamScoresKernel | None:
     """The beam-scoring kernel; None where ``short_attention_kernel`` is None."""
     kernels = _kernels()
     return None if kernels is None else kernels.beam_scores
+
+
+def decoder_attention_kernel() -> DecoderAttentionKernel | None:
+    """The decoder step's attention kernel; None where ``short_attention_kernel`` is None."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.decoder_attention
 
 
 @functools.cache

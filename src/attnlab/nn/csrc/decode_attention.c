@@ -1,0 +1,177 @@
+/* The two attentions of one decoding step (attnlab.nn.fast_decode.decoder_step), one query per row,
+   read where the step's products left their keys and values: nothing is copied into heads, gathered
+   by row or grown, at any step.
+
+   Self-attention.  Step p (p = 0 .. t) left its fused projection qkv_p, (N_p, 3E) with row stride
+   3E: the query of row r at offset 0, its key at E, its value at 2E.  Rows move between steps (beam
+   search reorders them, finished ones leave): row r of step p continues row parent_p[r] of step
+   p - 1 (no parent_p: the same row).  So the keys row r of the newest step t attends to are those
+   of rows slot_t = r, slot_(p-1) = parent_p[slot_p], one per step, read where they lie.  Per head:
+       scores_p = scale · q · k_p,   out = Σ_p exp(scores_p - max) v_p / Σ_p exp(scores_p - max)
+
+   Cross-attention.  memory holds each source position's key and value, (Bs, S, 2E) with the key at
+   offset 0 and the value at E; row r reads source sources[r] (none: source r), and only the
+   positions its mask opens (the search checks that each source has one).
+
+   PyTorch's operations (fast_decode's other path, the reference in the tests) compute the same
+   sums in another order: the results agree to float32 rounding. */
+
+#include <math.h>
+#include <stdint.h>
+
+#include "vec8.h"
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+#define MAX_POSITIONS 4096 /* steps or source positions: the scores of one head stay on the stack */
+
+static inline float dot(const float *a, const float *b, int D) {
+    int d = 0;
+    float sum = 0.0f;
+    if (D >= 8) {
+        vf8 acc = load8(a) * load8(b);
+        for (d = 8; d + 8 <= D; d += 8) acc += load8(a + d) * load8(b + d);
+        sum = sum8(acc);
+    }
+    for (; d < D; ++d) sum += a[d] * b[d];
+    return sum;
+}
+
+/* scores_p = scale · q · keys_p (D each) for p < n: eight keys at a time, their eight sums of
+   products added across lanes together. */
+static void dots(const float *q, const float *const *keys, int n, int D, float scale, float *scores) {
+    int p = 0;
+#ifdef __AVX__
+    if (D % 8 == 0) {
+        for (; p + 8 <= n; p += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) {
+                const __m256 qd = _mm256_loadu_ps(q + d);
+                for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(qd, _mm256_loadu_ps(keys[p + j] + d)));
+            }
+            /* the eight vectors' lane sums as one vector: pairs, then quads, then the two halves */
+            const __m256 a = _mm256_hadd_ps(acc[0], acc[1]), b = _mm256_hadd_ps(acc[2], acc[3]);
+            const __m256 c = _mm256_hadd_ps(acc[4], acc[5]), e = _mm256_hadd_ps(acc[6], acc[7]);
+            const __m256 ab = _mm256_hadd_ps(a, b), ce = _mm256_hadd_ps(c, e);
+            const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(ab, ce, 0x20), _mm256_permute2f128_ps(ab, ce, 0x31));
+            _mm256_storeu_ps(scores + p, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; p < n; ++p) scores[p] = scale * dot(q, keys[p], D);
+}
+
+/* e_p = exp(scores_p - max) in place, for n scores (n8 = n rounded up to 8, the rest -inf); their sum. */
+static float exponentials(float *scores, int n, int n8) {
+    float top = -INFINITY;
+    for (int p = 0; p < n; ++p) top = scores[p] > top ? scores[p] : top;
+    for (int p = n; p < n8; ++p) scores[p] = -INFINITY;
+    vf8 sum8_ = splat8(0.0f);
+    for (int p = 0; p < n8; p += 8) {
+        const vf8 e = exp8_nonpositive(load8(scores + p) - splat8(top));
+        store8(scores + p, e);
+        sum8_ += e;
+    }
+    return sum8(sum8_);
+}
+
+/* out (D) = Σ_p weights_p values_p / total, values_p at rows[p] (n of them). */
+static void weighted_sum(const float *weights, const float *const *values, int n, float total, int D, float *out) {
+    const float inverse = 1.0f / total;
+    int d = 0;
+    for (; d + 32 <= D; d += 32) { /* four vectors at a time, each position's weight loaded once */
+        vf8 acc0 = splat8(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        for (int p = 0; p < n; ++p) {
+            const vf8 w = splat8(weights[p]);
+            const float *v = values[p] + d;
+            acc0 += w * load8(v);
+            acc1 += w * load8(v + 8);
+            acc2 += w * load8(v + 16);
+            acc3 += w * load8(v + 24);
+        }
+        store8(out + d, acc0 * splat8(inverse));
+        store8(out + d + 8, acc1 * splat8(inverse));
+        store8(out + d + 16, acc2 * splat8(inverse));
+        store8(out + d + 24, acc3 * splat8(inverse));
+    }
+    for (; d + 8 <= D; d += 8) {
+        vf8 acc = splat8(0.0f);
+        for (int p = 0; p < n; ++p) acc += splat8(weights[p]) * load8(values[p] + d);
+        store8(out + d, acc * splat8(inverse));
+    }
+    for (; d < D; ++d) {
+        float acc = 0.0f;
+        for (int p = 0; p < n; ++p) acc += weights[p] * values[p][d];
+        out[d] = acc * inverse;
+    }
+}
+
+/* steps[p]: qkv_p (N_p, 3E), p = 0 .. t1 - 1; parents[p]: (N_p,) or NULL (parents[0] unused);
+   out (N, E) for the N = N_(t1-1) rows of the newest step.  Returns 0, or -1 for shapes out of range. */
+int attnlab_decoder_self_attention(const float *const *steps, const int64_t *const *parents, int t1, int N, int H,
+                                   int D, float scale, float *out, int threads) {
+    if (t1 < 1 || t1 > MAX_POSITIONS || N < 0 || H < 1 || D < 1) return -1;
+    if (threads < 1) threads = 1;
+    const int64_t E = (int64_t)H * D, stride = 3 * E;
+    const int t8 = (t1 + 7) / 8 * 8;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * t1 * E > 32768)
+    for (int r = 0; r < N; ++r) {
+        const float *keys[MAX_POSITIONS];
+        const float *values[MAX_POSITIONS];
+        float scores[MAX_POSITIONS + 8];
+        int64_t slot = r;
+        for (int p = t1 - 1; p >= 0; --p) { /* this row's key (and value) at every step, newest first */
+            keys[p] = steps[p] + slot * stride + E;
+            values[p] = keys[p] + E;
+            if (p > 0 && parents[p] != 0) slot = parents[p][slot];
+        }
+        const float *q = steps[t1 - 1] + (int64_t)r * stride;
+        for (int h = 0; h < H; ++h) {
+            if (h > 0) /* the next head's columns */
+                for (int p = 0; p < t1; ++p) keys[p] += D, values[p] += D;
+            const int64_t at = (int64_t)h * D;
+            dots(q + at, keys, t1, D, scale, scores);
+            const float total = exponentials(scores, t1, t8);
+            weighted_sum(scores, values, t1, total, D, out + (int64_t)r * E + at);
+        }
+    }
+    return 0;
+}
+
+/* memory (Bs, S, 2E), mask (Bs, S) bytes (nonzero: open), sources (N,) or NULL, q (N, E) with row
+   stride q_stride, out (N, E).  Returns 0, or -1 for shapes out of range. */
+int attnlab_decoder_cross_attention(const float *memory, const uint8_t *mask, const int64_t *sources, int N, int S,
+                                    int H, int D, const float *q, int64_t q_stride, float scale, float *out,
+                                    int threads) {
+    if (S < 1 || S > MAX_POSITIONS || N < 0 || H < 1 || D < 1) return -1;
+    if (threads < 1) threads = 1;
+    const int64_t E = (int64_t)H * D;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * S * E > 32768)
+    for (int r = 0; r < N; ++r) {
+        const int64_t source = sources ? sources[r] : r;
+        const float *keys = memory + source * S * 2 * E;
+        const uint8_t *open = mask + source * S;
+        const float *at_key[MAX_POSITIONS];
+        const float *at_value[MAX_POSITIONS];
+        float scores[MAX_POSITIONS + 8];
+        int n = 0; /* the open positions, in order */
+        for (int s = 0; s < S; ++s)
+            if (open[s]) {
+                at_key[n] = keys + (int64_t)s * 2 * E;
+                at_value[n++] = keys + (int64_t)s * 2 * E + E;
+            }
+        const int n8 = (n + 7) / 8 * 8;
+        for (int h = 0; h < H; ++h) {
+            if (h > 0)
+                for (int i = 0; i < n; ++i) at_key[i] += D, at_value[i] += D;
+            const int64_t at = (int64_t)h * D;
+            dots(q + (int64_t)r * q_stride + at, at_key, n, D, scale, scores);
+            const float total = exponentials(scores, n, n8);
+            weighted_sum(scores, at_value, n, total, D, out + (int64_t)r * E + at);
+        }
+    }
+    return 0;
+}
