@@ -229,9 +229,9 @@ STEPS = 144  # eight epochs of the small config's 18 batches: enough for transla
 def cuda_run(tmp_path_factory):
     """A tiny translation model trained on the GPU with bf16 autocast: (config, run folder, summary, log).
 
-    13 to 27 s on an H100 (torch 2.11), nearly all of it in the first epoch: under bf16, PyTorch's
-    attention picks cuDNN's kernel, which builds a graph for each new batch shape (0.3 to 3 s each;
-    18 shapes an epoch here, each seen again later at no cost)."""
+    About 7.5 s on an H100 (torch 2.11). It took 13 to 27 s while the trainer let PyTorch's attention
+    pick cuDNN's kernel under bf16, which builds a graph for each new batch shape (0.3 to 3 s each);
+    the trainer now turns that kernel off (test below)."""
     config = small_config(device=DEVICE, amp=True, max_steps=STEPS, eval_every=STEPS // 4, average_last=0)
     out = tmp_path_factory.mktemp("cuda") / "run"
     messages: list[str] = []
@@ -342,3 +342,27 @@ def test_the_language_models_lean_step_on_cuda_equals_its_modules(exact_float32,
     cached = generate(model, prompt, 40, seed=5, keep=8)  # past the context: the window restarts
     assert cached.device.type == DEVICE and cached.shape == (2, 44)
     assert torch.equal(cached, generate(model, prompt, 40, seed=5, keep=8, use_cache=False))
+
+
+def test_under_torchrun_each_process_trains_on_its_own_gpu(monkeypatch):
+    """torchrun's LOCAL_RANK picks the process's GPU (made current, as NCCL wants); one past the
+    machine's GPUs is refused in one line that says how many there are."""
+    from attnlab.train.trainer import pick_device
+
+    before = torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    try:
+        monkeypatch.setenv("LOCAL_RANK", str(count - 1))
+        assert pick_device("cuda") == torch.device("cuda", count - 1) == pick_device("auto")
+        assert torch.cuda.current_device() == count - 1
+        assert pick_device("cuda:0") == torch.device("cuda", 0)  # a GPU named outright is taken as named
+        monkeypatch.setenv("LOCAL_RANK", str(count))
+        with pytest.raises(ValueError, match=f"LOCAL_RANK={count} .* of the {count} PyTorch sees"):
+            pick_device("cuda")
+    finally:
+        torch.cuda.set_device(before)
+
+
+def test_training_with_bf16_turns_cudnn_attention_off(cuda_run):
+    """cuDNN's attention builds a graph per new batch shape (seconds each): the trainer leaves it out."""
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
