@@ -319,3 +319,33 @@ def test_pack_decoder_refuses_a_model_that_differs_from_what_the_step_computes(c
     change(model)
     with pytest.raises(ValueError, match=message):
         fast_decode.pack_decoder(model)
+
+
+# -- the encoder's lean form (int8 translation) -------------------------------------------------------------
+@pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("length", [7, 70], ids=["short", "long"])  # the compiled attention up to 64, then PyTorch's
+def test_lean_encoder_equals_the_modules(norm_first, share, length):
+    model = tiny_transformer(0, d_model=32, d_ff=64, norm_first=norm_first, share_embeddings=share, max_len=128)
+    model = randomize_norms_(model, torch.Generator().manual_seed(1)).eval()
+    generator = torch.Generator().manual_seed(length)
+    sources = [torch.randint(3, 40, (n,), generator=generator).tolist() + [EOS] for n in (length - 1, 2, length // 2)]
+    src = pad_sequences(sources, PAD)
+    with torch.no_grad():
+        expected = model.encode(src)
+    packed = fast_decode.pack_encoder(model)
+    lean = fast_decode.encode(packed, src, expected.src_mask)
+    torch.testing.assert_close(lean.memory, expected.memory, atol=2e-5, rtol=0)
+    assert lean.src_mask is expected.src_mask
+    int8 = fast_decode.encode(fast_decode.pack_encoder(model, int8=True), src, expected.src_mask)
+    error = float((int8.memory - expected.memory).abs().max())
+    assert 1e-4 < error < 0.2 * float(expected.memory.std())  # 8-bit products: close, not equal
+
+
+def test_pack_encoder_refuses_a_model_that_differs_from_what_encode_computes():
+    model = _transformer(True, False)
+    fast_decode.pack_encoder(model)
+    model.encoder_layers[1].feed_forward.activation = F.gelu
+    with pytest.raises(ValueError, match="encoder layer 1's feed-forward block is PositionwiseFeedForward with a ReLU"):
+        fast_decode.pack_encoder(model)
+    with pytest.raises(ValueError, match="eval"):
+        fast_decode.pack_encoder(_transformer(True, False).train())

@@ -303,6 +303,24 @@ def test_decoder_attention_threads_split_the_rows_without_changing_a_bit(kernel)
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 
 
+@pytest.mark.parametrize("V", [1, 7, 8, 40, 4000, 4003])
+def test_greedy_pick_equals_argmax_with_the_banned_ids_at_minus_infinity(kernel, V):
+    gen = torch.Generator().manual_seed(V)
+    scores = torch.randn(64, V, generator=gen).mul(3).round()  # rounded: many exact ties
+    banned = torch.tensor(sorted({0, min(1, V - 1)}))
+    scores[1, banned] = 1e9  # the best place banned: the best of the rest
+    scores[2] = float("-inf")  # nothing finite: the first id that may be chosen
+    scores[3, V // 2] = float("nan")  # a NaN ranks first, as argmax has it
+    scores[4, banned] = float("nan")  # ... unless banned
+    picked = native.greedy_pick_kernel().pick(scores, banned)
+    want = scores.index_fill(1, banned, float("-inf")).argmax(dim=1)
+    if V > len(banned):
+        want[2] = len(banned)
+    assert torch.equal(picked, want)
+    with pytest.raises(ValueError, match="scores must be a CPU torch.float32"):
+        native.greedy_pick_kernel().pick(scores.double(), banned)
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("ATTNLAB_NATIVE", "0")
     native._kernels.cache_clear()

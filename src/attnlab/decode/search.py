@@ -79,13 +79,17 @@ def greedy_search(
     prefix = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)  # (N, 1)
     live = list(range(batch_size))  # the input row of each row still decoding
     results: list[list[int]] = [[] for _ in range(batch_size)]
+    kernel = native.greedy_pick_kernel() if device.type == "cpu" else None
     for t in range(int(limits.max())):
         scores, state = step(prefix, state)  # (N, V)
         scores = scores.float()  # (N, V)
-        next_token = _argmax(scores)  # (N,) the best token, banned or not; the rows whose best is banned
-        blocked = torch.isin(next_token, banned).nonzero()[:, 0]  # are searched again without them
-        if len(blocked):
-            next_token[blocked] = _argmax(scores[blocked].index_fill_(-1, banned, float("-inf")))
+        if kernel is not None:  # the same choice in one compiled pass
+            next_token = kernel.pick(scores, banned)
+        else:
+            next_token = _argmax(scores)  # (N,) the best token, banned or not; the rows whose best is banned
+            blocked = torch.isin(next_token, banned).nonzero()[:, 0]  # are searched again without them
+            if len(blocked):
+                next_token[blocked] = _argmax(scores[blocked].index_fill_(-1, banned, float("-inf")))
         next_token = torch.where(t + 1 >= limits, torch.full_like(next_token, eos_id), next_token)
         prefix = torch.cat([prefix, next_token[:, None]], dim=1)  # (N, t + 2)
         ended = next_token == eos_id

@@ -4,7 +4,8 @@
 length-sorted batches, and returns the translations in input order. Decoding runs the lean decoder
 step of ``attnlab.nn.fast_decode`` with its KV cache, tested equal to the modules; ``use_cache=False``
 is the modules' reference path, which re-runs the decoder over the whole prefix at every step.
-``int8=True`` runs the lean step's matrix products on int8 weights (dynamic quantization, CPU only).
+``int8=True`` runs the lean step's matrix products and the encoder's feed-forward ones on int8 weights
+(dynamic quantization, CPU only).
 
 A source longer than the model's positions is cut, with a warning, in one place:
 ``Translator.encode_source``, which every decoding path (``translate``, ``explain``) goes through.
@@ -120,9 +121,9 @@ class Translator:
     """A model with its vocabularies, ready to translate text.
 
     Translating runs the model in evaluation mode and gives it back in the mode it came in.
-    With ``int8=True`` the decoder's matrix products run on int8 copies of its weights, taken when
-    the translator is made (so later changes to the model's weights are not seen); the encoder and
-    ``use_cache=False`` stay float32 modules. int8 runs on the CPU only.
+    With ``int8=True`` the decoder's matrix products and the encoder's feed-forward ones run on int8
+    copies of their weights, taken when the translator is made (so later changes to the model's weights are not seen);
+    ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
     """
 
     def __init__(self, model: Transformer, src_vocab: BaseVocab, tgt_vocab: BaseVocab, int8: bool = False) -> None:
@@ -131,6 +132,7 @@ class Translator:
         self.tgt_vocab = tgt_vocab
         self.int8 = int8
         self._int8_decoder: fast_decode.PackedDecoder | None = None
+        self._int8_encoder: fast_decode.PackedEncoder | None = None
         if int8 and self.device.type != "cpu":
             raise ConfigError(f"int8 decoding runs on the CPU only (PyTorch's int8 kernels), but the model is on "
                               f"{self.device}: load it with device='cpu', or leave int8 off")
@@ -139,6 +141,7 @@ class Translator:
             model.eval()
             try:
                 self._int8_decoder = fast_decode.pack_decoder(model, int8=True)
+                self._int8_encoder = fast_decode.pack_encoder(model, int8=True)
             finally:
                 model.train(was_training)
 
@@ -198,7 +201,12 @@ class Translator:
         ``ENCODE_TOKENS`` padded tokens (at least one sentence each), their memories then padded to the
         longest source (and masked there): what every search of this translator starts from."""
         pad_id = self.model.config.pad_id
-        pieces = [self.model.encode(pad_sequences(sources[a:b], pad_id).to(self.device))
+        if self._int8_encoder is None:
+            encode = self.model.encode
+        else:  # the encoder's feed-forward products on int8 weights too
+            def encode(src: Tensor) -> Encoded:
+                return fast_decode.encode(self._int8_encoder, src, (src != pad_id)[:, None, None, :])
+        pieces = [encode(pad_sequences(sources[a:b], pad_id).to(self.device))
                   for a, b in _runs([len(source) for source in sources], ENCODE_TOKENS)]
         if len(pieces) == 1:
             return pieces[0]

@@ -5,7 +5,8 @@
   projection where it lies and writes the results where the next layer wants them: no reordering of
   Q, K, V into heads and back, and no per-matrix overhead of batched products of 24 x 32 matrices.
 - Decoding: beam search's scoring step (``csrc/beam_scores.c``): log-softmax, beam scores and the
-  best 2K extensions per sentence in one pass over the logits, instead of three; and the decoder
+  best 2K extensions per sentence in one pass over the logits, instead of three; greedy search's
+  choice, the best token that is not banned, in one pass (``attnlab_greedy_pick``); and the decoder
   step's two attentions (``csrc/decode_attention.c``), one query per row, reading each step's keys
   and values where its projection wrote them and following the rows' moves between steps, so that
   the cache is never copied, gathered or grown (``attnlab.nn.fast_decode``).
@@ -48,8 +49,8 @@ from torch import Tensor
 from attnlab.folders import cache_dir
 
 __all__ = [
-    "ShortAttentionKernel", "BeamScoresKernel", "DecoderAttentionKernel", "short_attention_kernel",
-    "beam_scores_kernel", "decoder_attention_kernel", "kernel_takes", "MAX_LEN", "MAX_HEAD_DIM",
+    "ShortAttentionKernel", "BeamScoresKernel", "GreedyPickKernel", "DecoderAttentionKernel", "short_attention_kernel",
+    "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel", "kernel_takes", "MAX_LEN", "MAX_HEAD_DIM",
     "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
 ]
 
@@ -159,6 +160,32 @@ class BeamScoresKernel:
         return values, indices
 
 
+class GreedyPickKernel:
+    """Greedy search's choice: ``pick(scores, banned)`` for scores (N, V) returns (N,) int64, each
+    row's position of its largest score that is not a ``banned`` id: what ``argmax`` gives with the
+    banned ids at -inf (the first of equal largest; a NaN first, as ``argmax`` ranks it)."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._pick = library.attnlab_greedy_pick
+        self._pick.argtypes = [pointer, ctypes.c_int64, integer, pointer, integer, pointer, integer]
+        self._pick.restype = integer
+
+    def pick(self, scores: Tensor, banned: Tensor) -> Tensor:
+        for name, tensor, dtype in (("scores", scores, torch.float32), ("banned", banned, torch.int64)):
+            if tensor.device.type != "cpu" or tensor.dtype != dtype:
+                raise ValueError(f"{name} must be a CPU {dtype} tensor, got {tensor.dtype} on {tensor.device}")
+        if scores.dim() != 2 or scores.size(1) < 1:
+            raise ValueError(f"scores must be (N, V) with V >= 1, got {tuple(scores.shape)}")
+        scores, banned = scores.contiguous(), banned.contiguous()
+        out = torch.empty(scores.size(0), dtype=torch.int64)
+        if self._pick(scores.data_ptr(), scores.size(0), scores.size(1), banned.data_ptr(), banned.numel(),
+                      out.data_ptr(), torch.get_num_threads()) != 0:
+            raise RuntimeError(f"attnlab's greedy-pick kernel refused the shape {tuple(scores.shape)}")
+        return out
+
+
 class DecoderAttentionKernel:
     """The decoder step's attentions, one query per row (``csrc/decode_attention.c``); the caller
     (``fast_decode``) holds the tensors behind every address it passes alive during the call.
@@ -222,6 +249,7 @@ class _Kernels:
         self.attention = ShortAttentionKernel(library, path)
         self.beam_scores = BeamScoresKernel(library, path)
         self.decoder_attention = DecoderAttentionKernel(library, path)
+        self.greedy_pick = GreedyPickKernel(library, path)
 
 
 def short_attention_kernel() -> ShortAttentionKernel | None:
@@ -236,6 +264,12 @@ def beam_scores_kernel() -> BeamScoresKernel | None:
     """The beam-scoring kernel; None where ``short_attention_kernel`` is None."""
     kernels = _kernels()
     return None if kernels is None else kernels.beam_scores
+
+
+def greedy_pick_kernel() -> GreedyPickKernel | None:
+    """Greedy search's choosing kernel; None where ``short_attention_kernel`` is None."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.greedy_pick
 
 
 def decoder_attention_kernel() -> DecoderAttentionKernel | None:

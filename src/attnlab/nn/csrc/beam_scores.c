@@ -1,5 +1,6 @@
 /* One step of beam search's scoring on the CPU: log-softmax, beam scores and the best 2K
-   extensions of each sentence, in one pass over the logits.
+   extensions of each sentence, in one pass over the logits.  (And greedy search's choice, at the
+   end of this file.)
 
    For sentence s with R live rows of logits x_r (V each) and beam scores a_r, the candidates are
        a_r + log_softmax(x_r)_v = a_r + ((x_rv - m_r) - log Σ_v' exp(x_rv' - m_r)),   m_r = max_v x_rv,
@@ -19,6 +20,10 @@
 #include <stdint.h>
 
 #include "vec8.h"
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #define MAX_N 64
 #define BLOCK 64 /* logits tested together against the floor by their maximum */
@@ -95,5 +100,64 @@ int attnlab_beam_scores(const float *logits, const float *alive, int S, int R, i
     for (int s = 0; s < S; ++s)
         sentence(logits + (int64_t)s * R * V, alive + (int64_t)s * K, R, V, n, banned, nbanned,
                  values + (int64_t)s * n, indices + (int64_t)s * n);
+    return 0;
+}
+
+/* Greedy search's choice: for each of rows rows of V scores, the position of the largest score that
+   is not a banned id, as PyTorch's argmax over the scores with the banned ids at -inf chooses it:
+   the first of equal largest, a NaN before any number.  One vector pass for the maximum, then a
+   scan for its first unbanned place; only where every place of the maximum is banned, a second
+   search that skips them. */
+static int banned_id(int64_t v, const int64_t *banned, int nbanned) {
+    for (int b = 0; b < nbanned; ++b)
+        if (banned[b] == v) return 1;
+    return 0;
+}
+
+static int64_t pick_row(const float *x, int V, const int64_t *banned, int nbanned) {
+    int v = 0;
+    vf8 top8[4] = {splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY)};
+    vi8 nan8 = {0};
+    for (; v + 32 <= V; v += 32)
+        for (int u = 0; u < 4; ++u) {
+            const vf8 y = load8(x + v + 8 * u);
+            nan8 |= y != y;
+            top8[u] = max8(y, top8[u]);
+        }
+    float top = largest8(max8(max8(top8[0], top8[1]), max8(top8[2], top8[3])));
+    int nan = 0;
+    for (int lane = 0; lane < 8; ++lane) nan |= nan8[lane] != 0;
+    for (; v < V; ++v) {
+        nan |= x[v] != x[v];
+        top = x[v] > top ? x[v] : top;
+    }
+    if (nan) /* the first NaN that may be chosen wins, as in argmax */
+        for (int64_t w = 0; w < V; ++w)
+            if (x[w] != x[w] && !banned_id(w, banned, nbanned)) return w;
+    int64_t w = 0;
+    for (; w + 8 <= V; w += 8) { /* eight at a time to the first block holding the maximum */
+        const vi8 at = load8(x + w) == splat8(top);
+#ifdef __AVX__
+        if (!_mm256_movemask_ps((__m256)at)) continue;
+#endif
+        for (int lane = 0; lane < 8; ++lane)
+            if (at[lane] && !banned_id(w + lane, banned, nbanned)) return w + lane;
+    }
+    for (; w < V; ++w)
+        if (x[w] == top && !banned_id(w, banned, nbanned)) return w;
+    /* the maximum lies at banned ids only (or the row is all -inf): the best of the rest */
+    int64_t best = -1;
+    float value = -INFINITY;
+    for (w = 0; w < V; ++w)
+        if (!banned_id(w, banned, nbanned) && (best < 0 || x[w] > value)) best = w, value = x[w];
+    return best < 0 ? 0 : best;
+}
+
+int attnlab_greedy_pick(const float *scores, int64_t rows, int V, const int64_t *banned, int nbanned, int64_t *out,
+                        int threads) {
+    if (V < 1 || rows < 0) return -1;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * V > 65536)
+    for (int64_t r = 0; r < rows; ++r) out[r] = pick_row(scores + r * V, V, banned, nbanned);
     return 0;
 }
