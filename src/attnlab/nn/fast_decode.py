@@ -195,10 +195,7 @@ def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMSt
         x = _linear(attended.transpose(1, 2).reshape(B * T, E), layer.out).add_(x)
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
-        h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
-        x = _linear(_linear(h, layer.ff1).relu_(), layer.ff2).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
+        x = _feed_forward(x, layer.norm2, layer.ff1, layer.ff2, packed.norm_first)
         new_kv.append(kv)
     last = x.view(B, T, E)[:, -1]  # (B, E)
     if packed.final_norm is not None:
@@ -349,6 +346,15 @@ def _apply(x: Tensor, weights: Weights) -> Tensor:
     if type(weights) is tuple:
         return torch.addmm(weights[1], x, weights[0])
     return torch.ops.quantized.linear_dynamic(x, weights, True)  # reduce_range: x86's int8 kernels need it
+
+
+def _feed_forward(x: Tensor, norm: Affine, ff1: Weights, ff2: Weights, norm_first: bool) -> Tensor:
+    """The feed-forward sublayer with its residual and norm, on (N, E) rows: pre-LN normalises its
+    input, post-LN the sum."""
+    E = x.size(1)
+    h = torch.layer_norm(x, (E,), *norm, _LAYER_NORM_EPS) if norm_first else x
+    x = _apply(_apply(h, ff1).relu_(), ff2).add_(x)
+    return x if norm_first else torch.layer_norm(x, (E,), *norm, _LAYER_NORM_EPS)
 
 
 class LeanDecoderState(NamedTuple):
@@ -544,11 +550,7 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState 
         x = _apply(attended.reshape(N, E), layer.cross_out).add_(x)
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
-        # Feed-forward.
-        h = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS) if packed.norm_first else x
-        x = _apply(_apply(h, layer.ff1).relu_(), layer.ff2).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS)
+        x = _feed_forward(x, layer.norm3, layer.ff1, layer.ff2, packed.norm_first)
         new_kv.append(KV(k, v))
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
@@ -587,10 +589,7 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
         x = _apply(attended, layer.cross_out).add_(x)
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
-        h = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS) if packed.norm_first else x
-        x = _apply(_apply(h, layer.ff1).relu_(), layer.ff2).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm3, _LAYER_NORM_EPS)
+        x = _feed_forward(x, layer.norm3, layer.ff1, layer.ff2, packed.norm_first)
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
     state = NativeDecoderState(state.memory_kv, state.src_mask, tuple(steps), tuple(addresses), parents,
@@ -673,10 +672,7 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
         x = _apply(attended.reshape(B * S, E), layer.out).add_(x)
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
-        h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
-        x = _apply(_apply(h, layer.ff1).relu_(), layer.ff2).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
+        x = _feed_forward(x, layer.norm2, layer.ff1, layer.ff2, packed.norm_first)
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
     return Encoded(x.view(B, S, E), src_mask, None)
