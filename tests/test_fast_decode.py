@@ -349,3 +349,35 @@ def test_pack_encoder_refuses_a_model_that_differs_from_what_encode_computes():
         fast_decode.pack_encoder(model)
     with pytest.raises(ValueError, match="eval"):
         fast_decode.pack_encoder(_transformer(True, False).train())
+
+
+@needs_kernels
+def test_the_compiled_state_checks_and_copies_what_select_is_given_and_survives_a_deep_copy():
+    import copy
+
+    model = _transformer(False, False)
+    packed = fast_decode.pack_decoder(model)
+    state = fast_decode.start_decoding(packed, model.encode(pad_sequences(SOURCES, PAD)), compiled=True)
+    with pytest.raises(IndexError, match="outside the state's 3: 0 to 3"):
+        state.select(torch.tensor([0, 3]))  # the kernel would read past the rows
+    with pytest.raises(IndexError, match="-1 to 1"):
+        state.select(torch.tensor([-1, 1]))
+    tokens = torch.randint(3, 40, (3, 3), generator=torch.Generator().manual_seed(8))
+    _, state = fast_decode.decoder_step(packed, tokens[:, :1], state)
+    index = torch.tensor([2, 0, 1])
+    chosen = state.select(index)
+    index.fill_(7)  # the caller's tensor changes afterwards: the state does not
+    twin = copy.deepcopy(chosen)  # new tensors: the addresses the copy carries are stale until its next step
+    expected, _ = fast_decode.decoder_step(packed, tokens[[2, 0, 1], 1:2], chosen)
+    del chosen, state
+    logits, _ = fast_decode.decoder_step(packed, tokens[[2, 0, 1], 1:2], twin)
+    assert torch.equal(logits, expected)
+
+
+def test_int8_encoder_with_heads_wider_than_the_kernel_takes():
+    model = tiny_transformer(0, d_model=264, num_heads=1, d_ff=64).eval()  # head dim 264 > native.MAX_HEAD_DIM
+    src = pad_sequences(SOURCES, PAD)
+    with torch.no_grad():
+        expected = model.encode(src)
+    lean = fast_decode.encode(fast_decode.pack_encoder(model), src, expected.src_mask)
+    torch.testing.assert_close(lean.memory, expected.memory, atol=2e-5, rtol=0)

@@ -423,3 +423,24 @@ def test_a_damaged_cached_library_is_built_again_not_loaded(monkeypatch, tmp_pat
         assert native.short_attention_kernel() is not None
     finally:
         native._kernels.cache_clear()
+
+
+def test_tracing_and_exporting_record_pytorchs_operations_not_the_kernel(kernel):
+    """A C call cannot be recorded: under no_grad a trace would keep one call's output as a constant."""
+    mha = MultiHeadAttention(32, 4).eval()
+    x, other = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python conditions
+        traced = torch.jit.trace(_SelfAttention(mha), (x,))
+        torch.testing.assert_close(traced(other), mha.self_attention(other).output, rtol=1e-5, atol=1e-6)
+        exported = torch.export.export(_SelfAttention(mha), (x,))
+        torch.testing.assert_close(exported.module()(other), mha.self_attention(other).output, rtol=1e-5, atol=1e-6)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, mha: MultiHeadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha.self_attention(x).output

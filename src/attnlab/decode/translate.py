@@ -122,8 +122,8 @@ class Translator:
 
     Translating runs the model in evaluation mode and gives it back in the mode it came in.
     With ``int8=True`` the decoder's matrix products and the encoder's feed-forward ones run on int8
-    copies of their weights, taken when the translator is made (so later changes to the model's weights are not seen);
-    ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
+    copies of their weights, taken when the translator is made (so later changes to the model's
+    weights are not seen); ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
     """
 
     def __init__(self, model: Transformer, src_vocab: BaseVocab, tgt_vocab: BaseVocab, int8: bool = False) -> None:

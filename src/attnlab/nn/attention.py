@@ -306,6 +306,18 @@ class _ShortSelfAttention(torch.autograd.Function):
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def _graph_capture_active() -> bool:
+    """Whether ``torch.jit.trace``, ``torch.export`` or ``torch.compile`` is recording the model: the
+    compiled kernels, called through their data pointers, cannot be recorded (a trace would keep one
+    call's output as a constant)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(
+        torch.jit.is_tracing()
+        or (compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+        or (compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+    )
+
+
 def _use_short_attention(qkv: Tensor) -> bool:
     """Training on the CPU, short and non-empty; not under torch.func's transforms, which
     ``_ShortSelfAttention`` (a classic autograd Function) does not support."""
@@ -587,6 +599,8 @@ class MultiHeadAttention(nn.Module):
         """The compiled kernel for self-attention that needs no gradient (evaluation, translating's
         encoder): short sequences on the CPU, no dropout, where the kernel takes the shapes."""
         if (qkv.requires_grad and torch.is_grad_enabled()) or self._dropout_p > 0 or _functorch_active():
+            return None
+        if _graph_capture_active():  # tracing or exporting records PyTorch's operations; a C call is opaque
             return None
         if qkv.device.type != "cpu" or qkv.size(1) > SHORT_ATTENTION_MAX_LEN:
             return None

@@ -425,8 +425,13 @@ class NativeDecoderState(NamedTuple):
     length: int  # target positions decoded so far
 
     def select(self, index: Tensor) -> "NativeDecoderState":
-        """Keep (or repeat, or reorder) rows, as ``DecoderState.select`` does: maps composed, nothing copied."""
-        index = index.to(device="cpu", dtype=torch.int64).contiguous()
+        """Keep (or repeat, or reorder) rows, as ``DecoderState.select`` does: maps composed, nothing copied.
+        The index is copied (the state must not change if the caller's tensor does) and checked: the
+        kernel reads the rows it names."""
+        index = index.to(device="cpu", dtype=torch.int64, copy=True).contiguous()
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.num_rows):
+            raise IndexError(f"select's index names rows outside the state's {self.num_rows}: "
+                             f"{int(index.min())} to {int(index.max())}")
         rows = None if self.length == 0 else index if self.rows is None else self.rows.index_select(0, index)
         sources = index if self.sources is None else self.sources.index_select(0, index)
         return self._replace(rows=rows, sources=sources)
@@ -434,6 +439,14 @@ class NativeDecoderState(NamedTuple):
     @property
     def num_rows(self) -> int:
         return self.src_mask.size(0) if self.sources is None else self.sources.numel()
+
+
+def _readdressed(state: NativeDecoderState) -> NativeDecoderState:
+    """The state with the addresses of the tensors it holds."""
+    return state._replace(
+        addresses=tuple(tuple(qkv.data_ptr() for qkv in steps) for steps in state.steps),
+        parent_addresses=tuple(0 if rows is None else rows.data_ptr() for rows in state.parents),
+    )
 
 
 def _takes_native(packed: PackedDecoder, memory: Tensor) -> bool:
@@ -572,6 +585,8 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
     D = E // H
     scale = 1.0 / math.sqrt(D)
     x = torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)  # (N, E)
+    if t and state.steps and state.addresses[0][-1] != state.steps[0][-1].data_ptr():  # a copy of a state (deepcopy, pickle):
+        state = _readdressed(state)  # its tensors are new, the addresses it carries are the old ones'
     parents = state.parents + (state.rows,)
     parent_addresses = state.parent_addresses + (0 if state.rows is None else state.rows.data_ptr(),)
     steps, addresses = [], []
@@ -632,7 +647,8 @@ def pack_encoder(model: Transformer, int8: bool = False) -> PackedEncoder:
     embed = model.src_embed
     _require(type(embed) is TokenEmbedding and embed.scale == math.sqrt(c.d_model),
              "source embeddings scaled by sqrt(d_model)")
-    _require(len(model.encoder_layers) == c.num_encoder_layers, f"{c.num_encoder_layers} encoder layers, as the config says")
+    _require(len(model.encoder_layers) == c.num_encoder_layers,
+             f"{c.num_encoder_layers} encoder layers, as the config says")
     layers = tuple(_check_layer(layer, c, i, "encoder layer") for i, layer in enumerate(model.encoder_layers))
     if int8:  # the feed-forward products, most of the encoder's work (2/3 of it at d_ff = 4E)
         layers = tuple(layer._replace(ff1=_quantized(layer.ff1), ff2=_quantized(layer.ff2)) for layer in layers)
@@ -658,12 +674,10 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
     scale = 1.0 / math.sqrt(D)
     x = torch.add(packed.positions[:S], F.embedding(src, packed.embedding), alpha=packed.scale).view(B * S, E)
     mask = src_mask.expand(B, 1, 1, S)
-    kernel = None
-    if S <= native.MAX_LEN and x.dtype == torch.float32 and x.device.type == "cpu" and D % 8 == 0:
-        kernel = native.short_attention_kernel()
     for layer in packed.layers:
         h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
         qkv = _apply(h, layer.qkv).view(B, S, 3 * E)
+        kernel = native.short_attention_kernel() if native.kernel_takes(qkv, D, mask) else None
         if kernel is not None:
             _, attended = kernel.forward(qkv, H, mask, scale, None)  # (B, S, E)
         else:

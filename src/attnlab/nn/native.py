@@ -163,7 +163,8 @@ class BeamScoresKernel:
 class GreedyPickKernel:
     """Greedy search's choice: ``pick(scores, banned)`` for scores (N, V) returns (N,) int64, each
     row's position of its largest score that is not a ``banned`` id: what ``argmax`` gives with the
-    banned ids at -inf (the first of equal largest; a NaN first, as ``argmax`` ranks it)."""
+    banned ids at -inf (the first of equal largest; a NaN first, as ``argmax`` ranks it), except in a
+    row whose allowed scores are all -inf, where it gives the first allowed id (``argmax``: 0)."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -222,7 +223,8 @@ class DecoderAttentionKernel:
                         scale: float) -> Tensor:
         N, E = q.shape
         Bs, S = mask.shape
-        if q.stride(1) != 1 or memory.shape != (Bs * S, 2 * E) or not memory.is_contiguous() or not mask.is_contiguous():
+        contiguous = memory.is_contiguous() and mask.is_contiguous() and q.stride(1) == 1
+        if not contiguous or memory.shape != (Bs * S, 2 * E):
             raise ValueError(f"cross_attention takes contiguous memory (Bs·S, 2E) and mask (Bs, S) and rows of q "
                              f"(N, E), got {tuple(memory.shape)}, {tuple(mask.shape)} and {tuple(q.shape)}")
         out = q.new_empty(N, E)
