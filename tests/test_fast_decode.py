@@ -152,13 +152,16 @@ PATHS = [False, pytest.param(True, marks=needs_kernels)]
 PATH_IDS = ["pytorch", "compiled"]
 
 
-@pytest.mark.parametrize("compiled", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("compiled", PATHS + [pytest.param("compacting", marks=needs_kernels)],
+                         ids=PATH_IDS + ["compiled-compacting"])
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
-def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_first, share, compiled):
+def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_first, share, compiled, monkeypatch):
+    if compiled == "compacting":  # finished rows' steps gathered away as soon as they are twice the live ones
+        monkeypatch.setattr(fast_decode, "COMPACT_BYTES", 0)
     model = _transformer(norm_first, share)
     packed = fast_decode.pack_decoder(model)
     encoded = model.encode(pad_sequences(SOURCES, PAD))
-    lean, modules = fast_decode.start_decoding(packed, encoded, compiled), model.start_decoding(encoded)
+    lean, modules = fast_decode.start_decoding(packed, encoded, bool(compiled)), model.start_decoding(encoded)
     assert type(lean) is (fast_decode.NativeDecoderState if compiled else fast_decode.LeanDecoderState)
     tokens = torch.randint(3, 40, (9, 6), generator=torch.Generator().manual_seed(2))
     # Beams of three per source, reordered within their sources, then rows leaving, then any order.
@@ -175,8 +178,13 @@ def test_decoder_step_equals_the_modules_through_reordering_and_shrinking(norm_f
         expected, modules, _, _ = model.decode_step(tokens[rows, i : i + 1], modules)
         torch.testing.assert_close(logits, expected[:, 0], atol=1e-5, rtol=0)
     assert lean.length == modules.length == len(selections)
-    if compiled:  # nothing gathered: each step's projection kept as it was written, the rows named by maps
-        assert [len(qkv) for qkv in lean.steps[0]] == [9, 9, 9, 6, 4]
+    if compiled == "compacting":  # the last step found 9 + 9 + 9 + 6 = 33 rows kept for 4 still decoding
+        # (more than twice 4 x 4 steps) and first gathered those 4 rows' lines: equal logits through it too
+        assert [len(qkv) for qkv in lean.steps[0]] == [4, 4, 4, 4, 4]
+        assert lean.held == 20 and lean.parents == (None,) * 5
+    if compiled:  # otherwise each step's projection kept as it was written, the rows named by maps
+        if compiled is True:
+            assert [len(qkv) for qkv in lean.steps[0]] == [9, 9, 9, 6, 4] and lean.held == 37
         assert lean.memory_kv[0].shape == (3 * encoded.memory.size(1), 2 * 32)
         return
     # The sources' keys/values stay one per source while the rows keep in groups of three (beams); when
