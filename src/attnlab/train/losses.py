@@ -26,6 +26,9 @@ __all__ = ["label_smoothed_loss", "linear_cross_entropy"]
 # Rows per block of ``linear_cross_entropy``: 256 rows of an 8000-word vocabulary are 8 MB of fp32
 # logits, which stay in the cache while a block is processed.
 CHUNK_ROWS = 256
+# ... and on a GPU, where a block's dozen kernel launches, not the cache, set the pace: blocks of up to
+# this many logits (128 MB in fp32), so that a batch of a few thousand rows is one block or a few.
+GPU_CHUNK_LOGITS = 2**25
 
 
 def _check_smoothing(smoothing: float) -> None:
@@ -52,7 +55,7 @@ def label_smoothed_loss(
 
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, pad_id: int,
-    smoothing: float = 0.1, chunk_rows: int = CHUNK_ROWS,
+    smoothing: float = 0.1, chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``label_smoothed_loss(F.linear(hidden, weight, bias), target, pad_id, smoothing)``, computed in
     blocks of ``chunk_rows`` rows without the logits; padding rows are skipped altogether.
@@ -61,10 +64,15 @@ def linear_cross_entropy(
     and kept for ``backward``, which scales them by the incoming gradient. Under autocast the
     products run in the autocast dtype, as ``F.linear`` would run them, and the softmax in fp32.
 
+    ``chunk_rows`` (None: ``CHUNK_ROWS`` on the CPU, as many rows as make ``GPU_CHUNK_LOGITS``
+    logits on a GPU) sets the block size.
+
     Shape: hidden (B, T, E), weight (V, E), bias (V,) or None, target (B, T)
     -> (scalar sum, scalar count).
     """
     _check_smoothing(smoothing)
+    if chunk_rows is None:  # the default: cache-sized blocks on the CPU, large ones on a GPU
+        chunk_rows = CHUNK_ROWS if hidden.device.type == "cpu" else max(CHUNK_ROWS, GPU_CHUNK_LOGITS // weight.size(0))
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     if hidden.shape[:-1] != target.shape or hidden.size(-1) != weight.size(1):
