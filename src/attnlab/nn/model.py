@@ -105,7 +105,7 @@ def _check_tokens(tokens: Tensor, name: str, vocab_size: int) -> None:
     """The models' one check of token ids, made at their entry points: integers, (B, L), in range."""
     _check_token_ids(tokens, name)
     if tokens.numel():
-        low, high = (int(bound) for bound in torch.aminmax(tokens))  # one trip to the host
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one trip to the host
         if low < 0 or high >= vocab_size:
             raise ValueError(
                 f"{name}: token ids must be in 0..{vocab_size - 1} (the model's vocabulary), "
