@@ -32,7 +32,8 @@ def test_installed_wheel_carries_the_corpora_and_trains(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "attnlab/data/bundled/multi30k/train.de.gz" in names
     assert "attnlab/data/bundled/tinyshakespeare/input.txt" in names
-    for source in ("short_attention.c", "beam_scores.c", "vec8.h"):  # the kernels' sources, built on first use
+    # the kernels' sources, built on first use
+    for source in ("short_attention.c", "beam_scores.c", "decode_attention.c", "vec8.h"):
         assert f"attnlab/nn/csrc/{source}" in names
 
     venv = tmp_path / "venv"

@@ -248,7 +248,7 @@ class _ShortSelfAttention(torch.autograd.Function):
                 dropout_p: float = 0.0) -> Tensor:
         B, T, E3 = qkv.shape
         H, D = num_heads, E3 // (3 * num_heads)
-        kernel = native.short_attention_kernel() if native.kernel_takes(qkv, D, mask) else None
+        kernel = native.short_attention_for(qkv, D, mask)
         ctx.kernel, ctx.scale, ctx.num_heads = kernel, scale, num_heads
         # The weights' dropout masks, (B·H, T, T), drawn first: the only draw of either path.
         kept = _kept_and_scaled(torch.Size((B * H, T, T)), dropout_p, qkv.dtype) if dropout_p > 0 else None
@@ -602,9 +602,9 @@ class MultiHeadAttention(nn.Module):
             return None
         if _graph_capture_active():  # tracing or exporting records PyTorch's operations; a C call is opaque
             return None
-        if qkv.device.type != "cpu" or qkv.size(1) > SHORT_ATTENTION_MAX_LEN:
+        if qkv.size(1) > SHORT_ATTENTION_MAX_LEN:  # the module's own limit, which users may lower
             return None
-        return native.short_attention_kernel() if native.kernel_takes(qkv, self.head_dim, mask) else None
+        return native.short_attention_for(qkv, self.head_dim, mask)
 
     @property
     def _dropout_p(self) -> float:

@@ -86,6 +86,23 @@ def _check_norm(norm: nn.Module, E: int, where: str) -> Affine:
     return norm.weight, norm.bias
 
 
+def _final_norm(norm: nn.Module, config, name: str) -> Affine | None:
+    """A stack's final norm: a pre-LN stack has one (checked, its weights returned), a post-LN none."""
+    if config.norm_first:
+        return _check_norm(norm, config.d_model, f"the {name} (pre-LN)")
+    _require(type(norm) is nn.Identity, f"no {name} in a post-LN model")
+    return None
+
+
+def _check_embeddings(model: Transformer, embed: nn.Module, side: str) -> Tensor:
+    """One side's embeddings of a ``Transformer``, as the lean paths compute them: a ``TokenEmbedding``
+    scaled by √E, then the sinusoidal ``PositionalEncoding``; the embedding weights."""
+    _require(type(model.positional) is PositionalEncoding, "the sinusoidal PositionalEncoding adds the positions")
+    _require(type(embed) is TokenEmbedding and embed.scale == math.sqrt(model.config.d_model),
+             f"{side} embeddings scaled by sqrt(d_model)")
+    return embed.embedding.weight
+
+
 def _check_attention(attn: nn.Module, config, where: str) -> MultiHeadAttention:
     E = config.d_model
     _require(type(attn) is MultiHeadAttention and attn.d_model == E and attn.num_heads == config.num_heads,
@@ -150,11 +167,7 @@ def pack(model: DecoderOnlyTransformer) -> PackedLM:
     _require(model.embed.scale == math.sqrt(c.d_model), "embeddings scaled by sqrt(d_model)")
     _require(len(model.layers) == c.num_layers, f"{c.num_layers} layers, as the config says")
     layers = tuple(_check_layer(layer, c, i) for i, layer in enumerate(model.layers))
-    if c.norm_first:
-        final_norm = _check_norm(model.norm, c.d_model, "the final norm (pre-LN)")
-    else:
-        _require(type(model.norm) is nn.Identity, "no final norm in a post-LN model")
-        final_norm = None
+    final_norm = _final_norm(model.norm, c, "final norm")
     _require(model.output.bias is None, "an output layer without bias")
     tied = model.output.weight is embedding
     _require(tied == c.tie_embeddings, f"output weights {'tied to' if c.tie_embeddings else 'separate from'} "
@@ -317,18 +330,11 @@ def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
                 "output"} | (set() if shared else {"tgt_embed"})
     children = {name for name, _ in model.named_children()}
     _require(children == expected, f"the model has exactly the modules {sorted(expected)}, found {sorted(children)}")
-    _require(type(model.positional) is PositionalEncoding, "the sinusoidal PositionalEncoding adds the positions")
     embed = model.tgt_embed
-    _require(type(embed) is TokenEmbedding and embed.scale == math.sqrt(c.d_model),
-             "target embeddings scaled by sqrt(d_model)")
+    embedding = _check_embeddings(model, embed, "target")
     _require(len(model.decoder_layers) == c.num_decoder_layers, f"{c.num_decoder_layers} decoder layers, as the config says")
     layers = tuple(_check_decoder_layer(layer, c, i, int8) for i, layer in enumerate(model.decoder_layers))
-    if c.norm_first:
-        final_norm = _check_norm(model.decoder_norm, c.d_model, "the decoder's final norm (pre-LN)")
-    else:
-        _require(type(model.decoder_norm) is nn.Identity, "no final decoder norm in a post-LN model")
-        final_norm = None
-    embedding = embed.embedding.weight
+    final_norm = _final_norm(model.decoder_norm, c, "final decoder norm")
     _require(type(model.output) is nn.Linear and model.output.bias is not None, "an output layer with a bias")
     tied = model.output.weight is embedding
     _require(tied == c.share_embeddings, f"output weights {'tied to' if c.share_embeddings else 'separate from'} "
@@ -671,21 +677,14 @@ def pack_encoder(model: Transformer, int8: bool = False) -> PackedEncoder:
         raise ValueError("pack_encoder() is for translating, which has no dropout: call model.eval() first")
     _require(type(model) is Transformer, f"a Transformer, found {type(model).__name__}")
     c = model.config
-    _require(type(model.positional) is PositionalEncoding, "the sinusoidal PositionalEncoding adds the positions")
     embed = model.src_embed
-    _require(type(embed) is TokenEmbedding and embed.scale == math.sqrt(c.d_model),
-             "source embeddings scaled by sqrt(d_model)")
+    embedding = _check_embeddings(model, embed, "source")
     _require(len(model.encoder_layers) == c.num_encoder_layers,
              f"{c.num_encoder_layers} encoder layers, as the config says")
     layers = tuple(_check_layer(layer, c, i, "encoder layer") for i, layer in enumerate(model.encoder_layers))
     if int8:  # the feed-forward products, most of the encoder's work (2/3 of it at d_ff = 4E)
         layers = tuple(layer._replace(ff1=_quantized(layer.ff1), ff2=_quantized(layer.ff2)) for layer in layers)
-    if c.norm_first:
-        final_norm = _check_norm(model.encoder_norm, c.d_model, "the encoder's final norm (pre-LN)")
-    else:
-        _require(type(model.encoder_norm) is nn.Identity, "no final encoder norm in a post-LN model")
-        final_norm = None
-    embedding = embed.embedding.weight
+    final_norm = _final_norm(model.encoder_norm, c, "final encoder norm")
     return PackedEncoder(embedding, embed.scale, model.positional.P[0].to(embedding.dtype), layers, final_norm,
                          c.num_heads, c.norm_first, int8)
 
@@ -705,7 +704,7 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
     for layer in packed.layers:
         h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
         qkv = _apply(h, layer.qkv).view(B, S, 3 * E)
-        kernel = native.short_attention_kernel() if native.kernel_takes(qkv, D, mask) else None
+        kernel = native.short_attention_for(qkv, D, mask)
         if kernel is not None:
             _, attended = kernel.forward(qkv, H, mask, scale, None)  # (B, S, E)
         else:

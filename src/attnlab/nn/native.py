@@ -50,7 +50,7 @@ from attnlab.folders import cache_dir
 
 __all__ = [
     "ShortAttentionKernel", "BeamScoresKernel", "GreedyPickKernel", "DecoderAttentionKernel", "short_attention_kernel",
-    "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel", "kernel_takes", "MAX_LEN", "MAX_HEAD_DIM",
+    "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel", "kernel_takes", "short_attention_for", "MAX_LEN", "MAX_HEAD_DIM",
     "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
 ]
 
@@ -82,6 +82,12 @@ def kernel_takes(qkv: Tensor, head_dim: int, mask: Tensor | None) -> bool:
         and head_dim % 8 == 0
         and (mask is None or mask.dtype == torch.bool)
     )
+
+
+def short_attention_for(qkv: Tensor, head_dim: int, mask: Tensor | None) -> "ShortAttentionKernel | None":
+    """The attention kernel where it computes this self-attention (``kernel_takes``) and could be
+    built; None otherwise."""
+    return short_attention_kernel() if kernel_takes(qkv, head_dim, mask) else None
 
 
 class ShortAttentionKernel:
