@@ -15,7 +15,8 @@ step, <bos>/<pad> never emitted, and in beam search attnlab's length penalty app
 hypotheses. Its time includes tokenizing and detokenizing, as attnlab's does.
 
 For each search (beam 4, greedy) the systems run ``--rounds`` times, taking turns (the first of a
-round moves along each round), after one untimed warm-up each; the figures are the median round.
+round moves along each round), after one untimed warm-up each; the figures are the median round
+(each round's seconds are listed too, in the order they ran).
 Each timed run starts after ``--pause`` seconds of rest: CTranslate2's OpenMP threads keep spinning
 for 200 ms after a call returns (Intel OpenMP's default KMP_BLOCKTIME), and with two threads that
 took a core from whichever system ran next in the same process (attnlab beam 4 on the tiny model:
@@ -179,18 +180,19 @@ def report(label: str, systems: list[System], seconds: dict[str, list[float]], o
     baseline = outputs.get("attnlab float32")
     speed = {name: len(references) / statistics.median(times) for name, times in seconds.items()}
     print(f"\n{label}")
-    print("| system | sentences/s | target tokens/s | BLEU | BLEU -lc | identical to attnlab float32 | median s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| system | sentences/s | target tokens/s | BLEU | BLEU -lc | identical to attnlab float32 | median s | rounds s |")
+    print("|---|---|---|---|---|---|---|---|")
     for system in systems:
         if system.translate is None:
-            print(f"| {system.name} | {system.why_not} | | | | | |")
+            print(f"| {system.name} | {system.why_not} | | | | | | |")
             continue
         out, median = outputs[system.name], statistics.median(seconds[system.name])
         tokens = sum(len(ids) for ids in tgt_vocab.encode_batch(out))
         bleu = bleu_scores(out, references)
         same = sum(a == b for a, b in zip(out, baseline)) if baseline is not None else 0
         print(f"| {system.name} | {speed[system.name]:.1f} | {tokens / median:.0f} | {bleu['bleu']:.2f} | "
-              f"{bleu['bleu_lc']:.2f} | {same}/{len(out)} | {median:.2f} |")
+              f"{bleu['bleu_lc']:.2f} | {same}/{len(out)} | {median:.2f} | "
+              f"{' '.join(f'{s:.2f}' for s in seconds[system.name])} |")
     for ours, theirs in (("attnlab float32", "CTranslate2 float32"), ("attnlab int8", "CTranslate2 int8"),
                          ("attnlab int8", "CTranslate2 float32")):
         if ours in speed and theirs in speed:

@@ -225,11 +225,9 @@ def test_beam_scores_kernel_refuses_what_it_would_misread(kernel):
         top(torch.randn(7, 10), alive, 4, banned)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, open_: torch.Tensor | None, scale: float):
-    """float64 reference: one query (H, D) over keys/values (n, H, D), closed positions left out."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """float64 reference: one query (H, D) over keys/values (n, H, D)."""
     scores = torch.einsum("hd,nhd->hn", q.double(), k.double()) * scale
-    if open_ is not None:
-        scores = scores.masked_fill(~open_, float("-inf"))
     return torch.einsum("hn,nhd->hd", scores.softmax(-1), v.double()).reshape(-1)
 
 
@@ -255,38 +253,44 @@ def test_decoder_self_attention_follows_the_rows_through_every_step(kernel, H, D
             line.append(steps[p][slot])
             slot = slot if parents[p] is None else int(parents[p][slot])
         rows = torch.stack(line[::-1]).view(t1, 3, H, D)
-        want = _attend(steps[-1][r, :E].view(H, D), rows[:, 1], rows[:, 2], None, scale)
+        want = _attend(steps[-1][r, :E].view(H, D), rows[:, 1], rows[:, 2], scale)
         torch.testing.assert_close(out[r].double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("H, D", [(4, 8), (2, 32), (3, 12), (1, 4)])
 @pytest.mark.parametrize("S", [1, 8, 13, 64])
-def test_decoder_cross_attention_reads_each_rows_source_and_its_open_positions(kernel, H, D, S):
+def test_decoder_cross_attention_reads_each_rows_source_and_only_its_positions(kernel, H, D, S):
     gen = torch.Generator().manual_seed(S * 10 + D)
     Bs, E = 4, H * D
-    memory = torch.randn(Bs * S, 2 * E, generator=gen) * 2
-    mask = torch.rand(Bs, S, generator=gen) < 0.7
-    mask[:, 0] = True  # every source has an open position (start_decoding checks it)
+    lengths = torch.randint(1, S + 1, (Bs,), generator=gen)  # each source's positions, at least one
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    memory = torch.randn(int(offsets[-1]), 2 * E, generator=gen) * 2
     sources = torch.tensor([3, 0, 0, 2, 3, 1])
     q = torch.randn(len(sources), E + 5, generator=gen)[:, :E]  # rows of a wider tensor: a row stride of E + 5
     attend = native.decoder_attention_kernel().cross_attention
-    out = attend(memory, mask, sources, q, H, 0.3)
-    kv = memory.view(Bs, S, 2, H, D)
+    out = attend(memory, offsets, sources, q, H, 0.3)
     for r, source in enumerate(sources.tolist()):
-        want = _attend(q[r].view(H, D), kv[source, :, 0], kv[source, :, 1], mask[source][None], 0.3)
+        kv = memory[offsets[source] : offsets[source + 1]].view(-1, 2, H, D)  # its positions, no other
+        want = _attend(q[r].view(H, D), kv[:, 0], kv[:, 1], 0.3)
         torch.testing.assert_close(out[r].double(), want, rtol=1e-5, atol=1e-6)
     # No sources: row r reads source r.
-    torch.testing.assert_close(attend(memory, mask, None, q[:Bs], H, 0.3), attend(memory, mask, torch.arange(Bs), q[:Bs], H, 0.3),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(attend(memory, offsets, None, q[:Bs], H, 0.3),
+                               attend(memory, offsets, torch.arange(Bs), q[:Bs], H, 0.3), rtol=0, atol=0)
     with pytest.raises(ValueError, match="contiguous memory"):
-        attend(memory[:, :E], mask, sources, q, H, 0.3)
+        attend(memory[:, :E], offsets, sources, q, H, 0.3)
+    with pytest.raises(ValueError, match="int64 offsets"):
+        attend(memory, offsets.int(), sources, q, H, 0.3)
+    empty = offsets.clone()
+    empty[2] = empty[1]  # source 1 with no position: refused, not read past
+    with pytest.raises(RuntimeError, match="a source with no position"):
+        attend(memory, empty, sources, q, H, 0.3)
 
 
 def test_decoder_attention_threads_split_the_rows_without_changing_a_bit(kernel):
     gen = torch.Generator().manual_seed(5)
     steps = [torch.randn(300, 3 * 64, generator=gen) for _ in range(12)]
     parents = [None] + [torch.randint(0, 300, (300,), generator=gen) for _ in range(11)]
-    memory, mask = torch.randn(300 * 20, 128, generator=gen), torch.ones(300, 20, dtype=torch.bool)
+    memory, offsets = torch.randn(300 * 20, 128, generator=gen), torch.arange(0, 300 * 20 + 1, 20)
     attention = native.decoder_attention_kernel()
     outs = []
     before = torch.get_num_threads()
@@ -296,7 +300,7 @@ def test_decoder_attention_threads_split_the_rows_without_changing_a_bit(kernel)
             outs.append((attention.self_attention(tuple(x.data_ptr() for x in steps),
                                                   tuple(0 if m is None else m.data_ptr() for m in parents), 300, 4,
                                                   16, 0.25),
-                         attention.cross_attention(memory, mask, None, steps[-1][:, :64], 4, 0.25)))
+                         attention.cross_attention(memory, offsets, None, steps[-1][:, :64], 4, 0.25)))
         finally:
             torch.set_num_threads(before)
     for other in outs[1:]:

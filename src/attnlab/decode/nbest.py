@@ -33,7 +33,8 @@ def translate_n_best(
     was_training = model.training
     model.eval()
     try:
-        step, state = translator.start_search(translator.run_encoder(sources), config.use_cache, log_probs=False)
+        encoded = translator.run_encoder(sources, config.use_cache)
+        step, state = translator.start_search(encoded, config.use_cache, log_probs=False)
         vocab = translator.tgt_vocab
         best = beam_search(
             step, state, len(sources), vocab.bos_id, vocab.eos_id, translator.max_lengths(sources, config),

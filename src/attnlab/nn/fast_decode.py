@@ -416,15 +416,17 @@ class NativeDecoderState(NamedTuple):
     Each step's fused projection (N_p, 3E) is kept as the step wrote it, with the map from its rows
     to the rows of the step before (beam search reorders rows, finished ones leave); the kernel
     follows those maps to find each row's keys and values. The sources' keys and values stay as
-    projected, (Bs·S, 2E), each row naming the source it reads. ``select`` only composes maps, and
+    projected, (P, 2E) for the P source positions not masked (padding is left out: no product, no
+    memory), each row naming the source it reads. ``select`` only composes maps, and
     a step adds one projection and one map: tuples that grow, holding tensors no step writes to
     again, so two searches from one state cannot disturb each other. Rows that leave stay in the
     steps they were part of until those hold more than twice the rows still decoding and the rest
     take over ``COMPACT_BYTES``: then the next step gathers the live rows' lines into new, compact
     steps (as the PyTorch path's cache holds them, once)."""
 
-    memory_kv: tuple[Tensor, ...]  # per layer: each source position's cross-attention key and value, (Bs·S, 2E)
-    src_mask: Tensor  # (Bs, S), True = a source position the decoder may attend to
+    memory_kv: tuple[Tensor, ...]  # per layer: the cross-attention key and value of each source position to
+    # attend to, (P, 2E), one source after another (the positions the source mask closes are left out)
+    offsets: Tensor  # (Bs + 1,) int64: source b's positions are rows offsets[b] .. offsets[b + 1] - 1
     steps: tuple[tuple[Tensor, ...], ...]  # per layer: each step's fused projection (N_p, 3E), oldest first
     addresses: tuple[tuple[int, ...], ...]  # per layer: their data pointers, for the kernel
     parents: tuple[Tensor | None, ...]  # per step: the rows of the step before its rows continue; None: the same
@@ -448,7 +450,7 @@ class NativeDecoderState(NamedTuple):
 
     @property
     def num_rows(self) -> int:
-        return self.src_mask.size(0) if self.sources is None else self.sources.numel()
+        return self.offsets.numel() - 1 if self.sources is None else self.sources.numel()
 
 
 def _readdressed(state: NativeDecoderState) -> NativeDecoderState:
@@ -512,11 +514,15 @@ def start_decoding(packed: PackedDecoder, encoded: Encoded,
         raise ValueError("the compiled decoder attention runs float32 on the CPU, with attnlab's kernels built "
                          "(see attnlab.nn.native), within its positions")
     H = packed.num_heads
-    if compiled:
-        memory_kv = tuple(_apply(memory.reshape(Bs * S, E), layer.cross_kv).contiguous() for layer in packed.layers)
-        mask = src_mask.reshape(Bs, S).contiguous()
+    if compiled:  # the keys and values of the positions to attend to only: padding takes no product, no memory
+        open_ = src_mask.reshape(Bs, S)
+        positions = memory.reshape(Bs * S, E)
+        if not bool(open_.all()):
+            positions = positions.index_select(0, open_.reshape(-1).nonzero()[:, 0])
+        offsets = F.pad(open_.sum(dim=1).cumsum(0), (1, 0))  # (Bs + 1,) int64
+        memory_kv = tuple(_apply(positions, layer.cross_kv).contiguous() for layer in packed.layers)
         empty = ((),) * len(packed.layers)
-        return NativeDecoderState(memory_kv, mask, empty, empty, (), (), None, None, 0)
+        return NativeDecoderState(memory_kv, offsets, empty, empty, (), (), None, None, 0)
     memory_kv = []
     for layer in packed.layers:
         kv = _apply(memory.reshape(Bs * S, E), layer.cross_kv)  # (Bs·S, 2E)
@@ -634,14 +640,14 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
         h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
-        attended = kernel.cross_attention(memory, state.src_mask, state.sources, _apply(h, layer.cross_q), H, scale)
+        attended = kernel.cross_attention(memory, state.offsets, state.sources, _apply(h, layer.cross_q), H, scale)
         x = _apply(attended, layer.cross_out).add_(x)
         if not packed.norm_first:
             x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
         x = _feed_forward(x, layer.norm3, layer.ff1, layer.ff2, packed.norm_first)
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
-    state = NativeDecoderState(state.memory_kv, state.src_mask, tuple(steps), tuple(addresses), parents,
+    state = NativeDecoderState(state.memory_kv, state.offsets, tuple(steps), tuple(addresses), parents,
                                parent_addresses, None, state.sources, t + 1, state.held + N)
     return _apply(x, packed.output), state  # (N, V)
 
@@ -699,7 +705,7 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
     H, E = packed.num_heads, packed.embedding.size(1)
     D = E // H
     scale = 1.0 / math.sqrt(D)
-    x = torch.add(packed.positions[:S], F.embedding(src, packed.embedding), alpha=packed.scale).view(B * S, E)
+    x = F.embedding(src, packed.embedding).mul_(packed.scale).add_(packed.positions[:S]).view(B * S, E)  # as the modules
     mask = src_mask.expand(B, 1, 1, S)
     for layer in packed.layers:
         h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x

@@ -200,9 +200,11 @@ class DecoderAttentionKernel:
     ``self_attention(steps, parents, N, H, D, scale)``: ``steps`` the addresses of each step's fused
     projection (N_p, 3E), oldest first, the newest holding the queries; ``parents`` per step the
     address of its (N_p,) int64 map to the rows of the step before, or 0 where the rows stayed as
-    they were. ``cross_attention(memory, mask, sources, q, scale)``: ``memory`` (Bs·S, 2E) keys and
-    values per source position, ``mask`` (Bs, S) bool, ``sources`` (N,) int64 or None (row r reads
-    source r), queries ``q`` (N, E). Both return (N, E)."""
+    they were. ``cross_attention(memory, offsets, sources, q, H, scale)``: ``memory`` (P, 2E) the keys
+    and values of the source positions to attend to, source b's in rows ``offsets[b]`` to
+    ``offsets[b + 1]`` (int64, (Bs + 1,)), ``sources`` (N,) int64 or None (row r reads source r),
+    queries ``q`` (N, E). Both return (N, E). The caller keeps every index within its tensor: the
+    kernel reads what they name."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -211,8 +213,8 @@ class DecoderAttentionKernel:
         self._self.argtypes = [pointer, pointer, integer, integer, integer, integer, real, pointer, integer]
         self._self.restype = integer
         self._cross = library.attnlab_decoder_cross_attention
-        self._cross.argtypes = [pointer, pointer, pointer, integer, integer, integer, integer, pointer, wide, real,
-                                pointer, integer]
+        self._cross.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, wide, real, pointer,
+                                integer]
         self._cross.restype = integer
 
     def self_attention(self, steps: tuple[int, ...], parents: tuple[int, ...], N: int, H: int, D: int,
@@ -225,19 +227,20 @@ class DecoderAttentionKernel:
             raise RuntimeError(f"attnlab's decoder self-attention kernel refused t={t1} N={N} H={H} D={D}")
         return out
 
-    def cross_attention(self, memory: Tensor, mask: Tensor, sources: Tensor | None, q: Tensor, H: int,
+    def cross_attention(self, memory: Tensor, offsets: Tensor, sources: Tensor | None, q: Tensor, H: int,
                         scale: float) -> Tensor:
         N, E = q.shape
-        Bs, S = mask.shape
-        contiguous = memory.is_contiguous() and mask.is_contiguous() and q.stride(1) == 1
-        if not contiguous or memory.shape != (Bs * S, 2 * E):
-            raise ValueError(f"cross_attention takes contiguous memory (Bs·S, 2E) and mask (Bs, S) and rows of q "
-                             f"(N, E), got {tuple(memory.shape)}, {tuple(mask.shape)} and {tuple(q.shape)}")
+        contiguous = memory.is_contiguous() and offsets.is_contiguous() and q.stride(1) == 1
+        if not contiguous or memory.dim() != 2 or memory.size(1) != 2 * E or offsets.dtype != torch.int64:
+            raise ValueError(f"cross_attention takes contiguous memory (P, 2E), int64 offsets (Bs + 1,) and rows of q "
+                             f"(N, E), got {tuple(memory.shape)}, {offsets.dtype} {tuple(offsets.shape)} and "
+                             f"{tuple(q.shape)}")
         out = q.new_empty(N, E)
-        status = self._cross(memory.data_ptr(), mask.data_ptr(), _pointer(sources), N, S, H, E // H, q.data_ptr(),
+        status = self._cross(memory.data_ptr(), offsets.data_ptr(), _pointer(sources), N, H, E // H, q.data_ptr(),
                              q.stride(0), scale, out.data_ptr(), torch.get_num_threads())
         if status != 0:
-            raise RuntimeError(f"attnlab's decoder cross-attention kernel refused S={S} N={N} H={H} E={E}")
+            raise RuntimeError(f"attnlab's decoder cross-attention kernel refused N={N} H={H} E={E} (a source with "
+                               f"no position, or more than {MAX_DECODE_POSITIONS})")
         return out
 
 

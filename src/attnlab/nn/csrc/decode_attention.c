@@ -9,9 +9,10 @@
    of rows slot_t = r, slot_(p-1) = parent_p[slot_p], one per step, read where they lie.  Per head:
        scores_p = scale · q · k_p,   out = Σ_p exp(scores_p - max) v_p / Σ_p exp(scores_p - max)
 
-   Cross-attention.  memory holds each source position's key and value, (Bs, S, 2E) with the key at
-   offset 0 and the value at E; row r reads source sources[r] (none: source r), and only the
-   positions its mask opens (the search checks that each source has one).
+   Cross-attention.  memory holds the key and value of each source position the decoder may attend
+   to, (P, 2E) with the key at offset 0 and the value at E, source b's positions from offsets[b] to
+   offsets[b + 1]: one contiguous block per source, read as one stream.  Row r reads source
+   sources[r] (none: source r).
 
    PyTorch's operations (fast_decode's other path, the reference in the tests) compute the same
    sums in another order: the results agree to float32 rounding. */
@@ -109,68 +110,106 @@ static void weighted_sum(const float *weights, const float *const *values, int n
     }
 }
 
+/* Where row r's key (and value, E floats later) lies at each step p < t1, newest first. */
+static void locate_row(const float *const *steps, const int64_t *const *parents, int t1, int64_t r, int64_t E,
+                       const float **keys) {
+    int64_t slot = r;
+    for (int p = t1 - 1; p >= 0; --p) {
+        keys[p] = steps[p] + slot * 3 * E + E;
+        if (p > 0 && parents[p] != 0) slot = parents[p][slot];
+    }
+}
+
+/* Ask for the 2E floats (key and value) at each of n places into the cache (L2), ahead of their use:
+   the rows' keys and values lie far apart, in tensors the size of the batch, so each row's reads
+   would otherwise wait on memory one place at a time. */
+static void prefetch_places(const float *const *places, int n, int64_t E) {
+    for (int p = 0; p < n; ++p)
+        for (int64_t f = 0; f < 2 * E; f += 16) __builtin_prefetch(places[p] + f, 0, 2);
+}
+
 /* steps[p]: qkv_p (N_p, 3E), p = 0 .. t1 - 1; parents[p]: (N_p,) or NULL (parents[0] unused);
    out (N, E) for the N = N_(t1-1) rows of the newest step.  Returns 0, or -1 for shapes out of range. */
 int attnlab_decoder_self_attention(const float *const *steps, const int64_t *const *parents, int t1, int N, int H,
                                    int D, float scale, float *out, int threads) {
     if (t1 < 1 || t1 > MAX_POSITIONS || N < 0 || H < 1 || D < 1) return -1;
     if (threads < 1) threads = 1;
-    const int64_t E = (int64_t)H * D, stride = 3 * E;
+    const int64_t E = (int64_t)H * D;
     const int t8 = (t1 + 7) / 8 * 8;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * t1 * E > 32768)
-    for (int r = 0; r < N; ++r) {
+#pragma omp parallel num_threads(threads) if (N * t1 * E > 32768)
+    {
+        const float *found[2][MAX_POSITIONS]; /* this row's keys, and the next row's, being fetched */
         const float *keys[MAX_POSITIONS];
         const float *values[MAX_POSITIONS];
         float scores[MAX_POSITIONS + 8];
-        int64_t slot = r;
-        for (int p = t1 - 1; p >= 0; --p) { /* this row's key (and value) at every step, newest first */
-            keys[p] = steps[p] + slot * stride + E;
-            values[p] = keys[p] + E;
-            if (p > 0 && parents[p] != 0) slot = parents[p][slot];
-        }
-        const float *q = steps[t1 - 1] + (int64_t)r * stride;
-        for (int h = 0; h < H; ++h) {
-            if (h > 0) /* the next head's columns */
-                for (int p = 0; p < t1; ++p) keys[p] += D, values[p] += D;
-            const int64_t at = (int64_t)h * D;
-            dots(q + at, keys, t1, D, scale, scores);
-            const float total = exponentials(scores, t1, t8);
-            weighted_sum(scores, values, t1, total, D, out + (int64_t)r * E + at);
+        int next = -1; /* the row whose places found[1] holds */
+#pragma omp for schedule(static)
+        for (int r = 0; r < N; ++r) {
+            if (next == r) {
+                for (int p = 0; p < t1; ++p) found[0][p] = found[1][p];
+            } else {
+                locate_row(steps, parents, t1, r, E, found[0]);
+            }
+            if (r + 1 < N) {
+                locate_row(steps, parents, t1, r + 1, E, found[1]);
+                prefetch_places(found[1], t1, E);
+                next = r + 1;
+            }
+            for (int p = 0; p < t1; ++p) keys[p] = found[0][p], values[p] = found[0][p] + E;
+            const float *q = steps[t1 - 1] + (int64_t)r * 3 * E;
+            for (int h = 0; h < H; ++h) {
+                if (h > 0) /* the next head's columns */
+                    for (int p = 0; p < t1; ++p) keys[p] += D, values[p] += D;
+                const int64_t at = (int64_t)h * D;
+                dots(q + at, keys, t1, D, scale, scores);
+                const float total = exponentials(scores, t1, t8);
+                weighted_sum(scores, values, t1, total, D, out + (int64_t)r * E + at);
+            }
         }
     }
     return 0;
 }
 
-/* memory (Bs, S, 2E), mask (Bs, S) bytes (nonzero: open), sources (N,) or NULL, q (N, E) with row
-   stride q_stride, out (N, E).  Returns 0, or -1 for shapes out of range. */
-int attnlab_decoder_cross_attention(const float *memory, const uint8_t *mask, const int64_t *sources, int N, int S,
-                                    int H, int D, const float *q, int64_t q_stride, float scale, float *out,
-                                    int threads) {
-    if (S < 1 || S > MAX_POSITIONS || N < 0 || H < 1 || D < 1) return -1;
+/* memory (P, 2E): the open positions of every source, source b's at offsets[b] .. offsets[b + 1] - 1 (at
+   least one each: the search checks it); sources (N,) or NULL; q (N, E) with row stride q_stride; out
+   (N, E).  Returns 0, or -1 for shapes out of range. */
+int attnlab_decoder_cross_attention(const float *memory, const int64_t *offsets, const int64_t *sources, int N, int H,
+                                    int D, const float *q, int64_t q_stride, float scale, float *out, int threads) {
+    if (N < 0 || H < 1 || D < 1) return -1;
+    for (int r = 0; r < N; ++r) { /* every row's source within the kernel's positions, before any work */
+        const int64_t source = sources ? sources[r] : r, n = offsets[source + 1] - offsets[source];
+        if (n < 1 || n > MAX_POSITIONS) return -1;
+    }
     if (threads < 1) threads = 1;
     const int64_t E = (int64_t)H * D;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * S * E > 32768)
-    for (int r = 0; r < N; ++r) {
-        const int64_t source = sources ? sources[r] : r;
-        const float *keys = memory + source * S * 2 * E;
-        const uint8_t *open = mask + source * S;
+#pragma omp parallel num_threads(threads) if ((int64_t)N * (offsets[1] - offsets[0]) * E > 32768)
+    {
         const float *at_key[MAX_POSITIONS];
         const float *at_value[MAX_POSITIONS];
         float scores[MAX_POSITIONS + 8];
-        int n = 0; /* the open positions, in order */
-        for (int s = 0; s < S; ++s)
-            if (open[s]) {
-                at_key[n] = keys + (int64_t)s * 2 * E;
-                at_value[n++] = keys + (int64_t)s * 2 * E + E;
+#pragma omp for schedule(static)
+        for (int r = 0; r < N; ++r) {
+            if (r + 1 < N) { /* the next row's keys and values, fetched while this row is computed */
+                const int64_t next = sources ? sources[r + 1] : r + 1;
+                const float *first = memory + offsets[next] * 2 * E, *end = memory + offsets[next + 1] * 2 * E;
+                for (const float *f = first; f < end; f += 16) __builtin_prefetch(f, 0, 2);
             }
-        const int n8 = (n + 7) / 8 * 8;
-        for (int h = 0; h < H; ++h) {
-            if (h > 0)
-                for (int i = 0; i < n; ++i) at_key[i] += D, at_value[i] += D;
-            const int64_t at = (int64_t)h * D;
-            dots(q + (int64_t)r * q_stride + at, at_key, n, D, scale, scores);
-            const float total = exponentials(scores, n, n8);
-            weighted_sum(scores, at_value, n, total, D, out + (int64_t)r * E + at);
+            const int64_t source = sources ? sources[r] : r;
+            const int n = (int)(offsets[source + 1] - offsets[source]);
+            const float *keys = memory + offsets[source] * 2 * E;
+            for (int i = 0; i < n; ++i) {
+                at_key[i] = keys + (int64_t)i * 2 * E;
+                at_value[i] = at_key[i] + E;
+            }
+            const int n8 = (n + 7) / 8 * 8;
+            for (int h = 0; h < H; ++h) {
+                if (h > 0)
+                    for (int i = 0; i < n; ++i) at_key[i] += D, at_value[i] += D;
+                const int64_t at = (int64_t)h * D;
+                dots(q + (int64_t)r * q_stride + at, at_key, n, D, scale, scores);
+                const float total = exponentials(scores, n, n8);
+                weighted_sum(scores, at_value, n, total, D, out + (int64_t)r * E + at);
+            }
         }
     }
     return 0;
