@@ -358,7 +358,8 @@ def test_pack_decoder_refuses_a_model_that_differs_from_what_the_step_computes(c
 # -- the encoder's lean form (int8 translation) -------------------------------------------------------------
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("length", [7, 70], ids=["short", "long"])  # the compiled attention up to 64, then PyTorch's
-def test_lean_encoder_equals_the_modules(norm_first, share, length):
+def test_lean_encoder_equals_the_modules(norm_first, share, length, monkeypatch):
+    monkeypatch.setattr(fast_decode, "int8_from_rows", lambda fan_in, fan_out: 1)  # int8 at any size (test_int8.py)
     model = tiny_transformer(0, d_model=32, d_ff=64, norm_first=norm_first, share_embeddings=share, max_len=128)
     model = randomize_norms_(model, torch.Generator().manual_seed(1)).eval()
     generator = torch.Generator().manual_seed(length)

@@ -17,8 +17,15 @@ from attnlab.errors import ConfigError
 from attnlab.nn import fast_decode
 
 
+@pytest.fixture
+def every_product_in_int8(monkeypatch):
+    """The tests' model is far too small for int8 to pay (``fast_decode.int8_from_rows``): every product
+    runs in int8 here all the same, whatever its rows, so that the int8 path is what is tested."""
+    monkeypatch.setattr(fast_decode, "int8_from_rows", lambda fan_in, fan_out: 1)
+
+
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
-def test_int8_logits_stay_close_to_float32(norm_first, share):
+def test_int8_logits_stay_close_to_float32(norm_first, share, every_product_in_int8):
     model = _transformer(norm_first, share)
     exact, int8 = fast_decode.pack_decoder(model), fast_decode.pack_decoder(model, int8=True)
     assert int8.int8 and not exact.int8
@@ -37,7 +44,7 @@ def test_int8_logits_stay_close_to_float32(norm_first, share):
     assert sum(agree) >= 0.9 * len(agree)
 
 
-def test_an_int8_translator_translates_close_to_float32():
+def test_an_int8_translator_translates_close_to_float32(every_product_in_int8):
     translator = Translator(_transformer(False, False), _Ids(), _Ids())
     int8 = translator.quantized()
     assert int8.int8 and not translator.int8 and int8.model is translator.model
@@ -48,6 +55,26 @@ def test_an_int8_translator_translates_close_to_float32():
     assert [ids[:4] for ids in quantized] == [ids[:4] for ids in exact]
     with pytest.raises(ConfigError, match="use_cache=False is the float32 reference"):
         int8.translate_ids(SOURCES, DecodeConfig(use_cache=False))
+
+
+def test_int8_runs_the_products_too_small_to_pay_in_float32_on_a_copy():
+    """Below its ``from_rows`` a product runs on a float32 copy of the weights, equal to the float32
+    product to the bit; from it, in int8. The copy is taken when packing, as the int8 weights are."""
+    linear = torch.nn.Linear(128, 256)
+    weights = fast_decode._quantized((linear.weight.t(), linear.bias))
+    assert weights.from_rows == fast_decode.int8_from_rows(128, 256) == 2**22 // (128 * 256)
+    x = torch.randn(weights.from_rows, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = linear(x)
+        small, large = fast_decode._apply(x[:-1], weights), fast_decode._apply(x, weights)
+        assert torch.equal(small, torch.addmm(linear.bias, x[:-1], linear.weight.t()))
+        error = large - expected  # int8 (7-bit activations, x86's reduce_range): close, not equal
+        assert float(error.abs().max()) > 1e-4 and float(error.pow(2).mean().sqrt()) < 0.04 * float(expected.std())
+        linear.weight.add_(1.0)  # a later change to the model is not seen
+        assert torch.equal(fast_decode._apply(x[:-1], weights), small)
+    # Large weights pay from 4 rows, small ones from rows x in x out = 2^22.
+    assert [fast_decode.int8_from_rows(*shape) for shape in [(128, 4000), (1024, 256), (128, 128), (256, 768)]] == \
+        [4, 4, 256, 22]
 
 
 def test_int8_is_refused_off_the_cpu_in_one_line():

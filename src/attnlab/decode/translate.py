@@ -5,7 +5,8 @@ length-sorted batches, and returns the translations in input order. Decoding run
 step of ``attnlab.nn.fast_decode`` with its KV cache, tested equal to the modules; ``use_cache=False``
 is the modules' reference path, which re-runs the decoder over the whole prefix at every step.
 ``int8=True`` runs the lean step's matrix products and the encoder's feed-forward ones on int8 weights
-(dynamic quantization, CPU only).
+(dynamic quantization, CPU only), those too small for int8 to pay on float32 copies
+(``fast_decode.int8_from_rows``).
 
 A source longer than the model's positions is cut, with a warning, in one place:
 ``Translator.encode_source``, which every decoding path (``translate``, ``explain``) goes through.
@@ -122,7 +123,7 @@ class Translator:
 
     Translating runs the model in evaluation mode and gives it back in the mode it came in.
     With ``int8=True`` the decoder's matrix products and the encoder's feed-forward ones run on int8
-    copies of their weights, taken when the translator is made (so later changes to the model's
+    copies of their weights (products of few rows on float32 copies, where int8 is slower), taken when the translator is made (so later changes to the model's
     weights are not seen); ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
     """
 

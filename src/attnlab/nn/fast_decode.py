@@ -40,7 +40,7 @@ from .layers import (
 from .model import DecoderOnlyTransformer, Encoded, LMState, TokenEmbedding, Transformer
 
 __all__ = ["PackedLM", "pack", "step", "PackedDecoder", "LeanDecoderState", "NativeDecoderState", "pack_decoder",
-           "start_decoding", "decoder_step", "PackedEncoder", "pack_encoder", "encode"]
+           "start_decoding", "decoder_step", "PackedEncoder", "pack_encoder", "encode", "Int8Linear", "int8_from_rows"]
 
 Affine = tuple[Tensor, Tensor]  # a LayerNorm's (γ, β), or a Linear's (Wᵀ (in, out), b): x Wᵀ + b
 
@@ -234,7 +234,34 @@ def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMSt
 # Shape legend (decoder): N rows, Bs sources, G = N / Bs rows per source, S source length, t cached
 # target positions, H heads, D head dim, E model dim, V target vocab size.
 
-Weights = Any  # a Linear's weights for ``_apply``: an ``Affine`` (float32) or int8 packed parameters
+class Int8Linear(NamedTuple):
+    """A Linear's weights for int8 decoding (``pack_decoder(..., int8=True)``): PyTorch's packed int8
+    parameters, and a float32 copy for the products too small for int8 to pay (see ``int8_from_rows``)."""
+
+    packed: Any  # torch.ops.quantized.linear_prepack's parameters
+    affine: Affine  # Wᵀ (in, out) and b, float32, copied when packed
+    from_rows: int  # the products of at least this many rows run in int8, smaller ones in float32
+
+
+Weights = Affine | Int8Linear  # a Linear's weights for ``_apply``
+
+
+# PyTorch's int8 product (``quantized::linear_dynamic``, fbgemm) first finds the activations' range and
+# quantizes them, and converts its int32 sums back to float32: a cost per call and per row that only a
+# large enough product repays. Measured on this project's CPU (AVX2, one thread), int8 time against
+# float32 ``addmm`` for (rows, in) x (in, out): a weight of 128 x 4000 was 2.2x faster in int8 from 4
+# rows (0.93x at 1 row), 256 x 1024 and 1024 x 256 1.6-1.7x from 4 rows; but 128 x 128 broke even only
+# at 256 rows (0.65x at 64), 128 x 256 and 256 x 128 at 128 rows (0.92x at 64), 128 x 384 at 32-64,
+# 256 x 256 at 16-32. So a product runs in int8 from 4 rows where its weight holds 2^18 numbers or more,
+# and otherwise once rows x in x out reaches 2^22; below that its float32 copy runs.
+INT8_LARGE_WEIGHT = 2**18
+INT8_FROM_PRODUCTS = 2**22
+
+
+def int8_from_rows(fan_in: int, fan_out: int) -> int:
+    """The fewest rows whose product runs in int8, for a weight of ``fan_in`` x ``fan_out`` (the rule above)."""
+    size = fan_in * fan_out
+    return 4 if size >= INT8_LARGE_WEIGHT else -(-INT8_FROM_PRODUCTS // size)
 
 
 class _PackedDecoderLayer(NamedTuple):
@@ -268,11 +295,14 @@ _DECODER_LAYER_CHILDREN = {"self_attn", "cross_attn", "feed_forward", "norm1", "
                            "dropout1", "dropout2", "dropout3"}
 
 
-def _quantized(affine: Affine) -> Weights:
+def _quantized(affine: Affine) -> Int8Linear:
     """A Linear's weights as PyTorch's int8 packed parameters: each output row its own symmetric scale
-    (the per-channel observer of ``torch.ao.quantization``), the activations quantized per call."""
+    (the per-channel observer of ``torch.ao.quantization``), the activations quantized per call; with a
+    float32 copy for small products."""
     weight_t, bias = affine
-    weight = weight_t.t().detach().float().contiguous()  # (out, in)
+    weight = weight_t.t().detach().float().clone(memory_format=torch.contiguous_format)  # (out, in), a copy
+    fan_out, fan_in = weight.shape
+    copy = (weight.t(), bias.detach().float().clone())  # later changes to the model are not seen
     from torch.ao.quantization import default_per_channel_weight_observer
 
     observer = default_per_channel_weight_observer()
@@ -281,7 +311,8 @@ def _quantized(affine: Affine) -> Weights:
     with warnings.catch_warnings():  # PyTorch marks quantized tensors deprecated; its int8 kernels need one
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         qweight = torch.quantize_per_channel(weight, scale.float(), zero_point, 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(qweight, bias.detach().float())
+    packed = torch.ops.quantized.linear_prepack(qweight, bias.detach().float())
+    return Int8Linear(packed, copy, int8_from_rows(fan_in, fan_out))
 
 
 def _check_decoder_layer(layer: nn.Module, config, index: int, int8: bool) -> _PackedDecoderLayer:
@@ -316,8 +347,9 @@ def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
 
     With ``int8`` every product of the step (not the embeddings, norms, attention or the per-sentence
     cross-attention keys/values) runs on int8 weights with dynamically quantized activations (PyTorch's
-    ``quantized::linear_dynamic``, CPU only); the weights are then a quantized copy, taken now.
-    Without it the packed weights are views of the model's parameters.
+    ``quantized::linear_dynamic``, CPU only) when it is large enough for int8 to pay, and on a float32
+    copy when it is not (``int8_from_rows``); the weights are then copies, taken now. Without it the
+    packed weights are views of the model's parameters.
     """
     if any(m.training for m in model.modules()):
         raise ValueError("pack_decoder() is for decoding, which has no dropout: call model.eval() first")
@@ -348,10 +380,12 @@ def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
 
 
 def _apply(x: Tensor, weights: Weights) -> Tensor:
-    """x Wᵀ + b for (N, in) -> (N, out), in float32 or int8."""
+    """x Wᵀ + b for (N, in) -> (N, out), in float32, or in int8 for an ``Int8Linear`` and enough rows."""
     if type(weights) is tuple:
         return torch.addmm(weights[1], x, weights[0])
-    return torch.ops.quantized.linear_dynamic(x, weights, True)  # reduce_range: x86's int8 kernels need it
+    if x.size(0) < weights.from_rows:
+        return torch.addmm(weights.affine[1], x, weights.affine[0])
+    return torch.ops.quantized.linear_dynamic(x, weights.packed, True)  # reduce_range: x86's int8 kernels need it
 
 
 def _feed_forward(x: Tensor, norm: Affine, ff1: Weights, ff2: Weights, norm_first: bool) -> Tensor:
@@ -652,11 +686,12 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
     return _apply(x, packed.output), state  # (N, V)
 
 
-# -- the encoder, for int8 translation ---------------------------------------------------------------------
+# -- the encoder, for translation on the CPU -------------------------------------------------------------
 #
-# Translating in float32 encodes through the modules. With int8 the encoder's feed-forward products run on
-# int8 weights too: ``pack_encoder`` gathers the weights, checked as the decoder's are, and ``encode`` runs
-# the layers' maths on whole (B·S, E) batches. The attention projections stay float32: quantized as well,
+# ``pack_encoder`` gathers the encoder's weights, checked as the decoder's are, and ``encode`` runs the
+# layers' maths on whole (B·S, E) batches, giving the modules' memory to the bit: the translator encodes
+# through it on the CPU. With int8 the encoder's feed-forward products run on int8 weights too (from
+# ``int8_from_rows`` rows, as the decoder's). The attention projections stay float32: quantized as well,
 # the 7.6M-parameter de-en model translated greedily in 1.92 s instead of 2.05 (BLEU 26.29 against 26.32,
 # float32 26.29), but on the tests' random model (tests/test_int8.py) a translation's first tokens then
 # left float32's, which the feed-forward products alone do not.
