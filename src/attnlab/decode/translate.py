@@ -4,8 +4,8 @@
 length-sorted batches, and returns the translations in input order. Decoding runs the lean decoder
 step of ``attnlab.nn.fast_decode`` with its KV cache, tested equal to the modules; ``use_cache=False``
 is the modules' reference path, which re-runs the decoder over the whole prefix at every step.
-``int8=True`` runs the lean step's matrix products and the encoder's feed-forward ones on int8 weights
-(dynamic quantization, CPU only), those too small for int8 to pay on float32 copies
+``int8=True`` runs the lean step's matrix products and the encoder's feed-forward and Q/K/V ones on
+int8 weights (dynamic quantization, CPU only), those too small for int8 to pay on float32 copies
 (``fast_decode.int8_from_rows``).
 
 A source longer than the model's positions is cut, with a warning, in one place:
@@ -122,9 +122,10 @@ class Translator:
     """A model with its vocabularies, ready to translate text.
 
     Translating runs the model in evaluation mode and gives it back in the mode it came in.
-    With ``int8=True`` the decoder's matrix products and the encoder's feed-forward ones run on int8
-    copies of their weights (products of few rows on float32 copies, where int8 is slower), taken when the translator is made (so later changes to the model's
-    weights are not seen); ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
+    With ``int8=True`` the decoder's matrix products and the encoder's feed-forward and Q/K/V ones run
+    on int8 copies of their weights (products of few rows on float32 copies, where int8 is slower),
+    taken when the translator is made (so later changes to the model's weights are not seen);
+    ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
     """
 
     def __init__(self, model: Transformer, src_vocab: BaseVocab, tgt_vocab: BaseVocab, int8: bool = False) -> None:
@@ -207,7 +208,7 @@ class Translator:
         fewer calls: the 1000 sentences of test_2016_flickr encoded in 0.176 s instead of 0.210 on the
         tiny model, one thread), which gives the modules' memory to the bit on both trained models;
         ``lean=False`` runs the modules (the reference of ``use_cache=False``). With int8 the lean
-        encoder's feed-forward products run on int8 weights."""
+        encoder's feed-forward and Q/K/V products run on int8 weights."""
         pad_id = self.model.config.pad_id
         packed = self._int8_encoder
         if packed is None and lean and self.device.type == "cpu" and not self.model.training:

@@ -690,11 +690,12 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
 #
 # ``pack_encoder`` gathers the encoder's weights, checked as the decoder's are, and ``encode`` runs the
 # layers' maths on whole (B·S, E) batches, giving the modules' memory to the bit: the translator encodes
-# through it on the CPU. With int8 the encoder's feed-forward products run on int8 weights too (from
-# ``int8_from_rows`` rows, as the decoder's). The attention projections stay float32: quantized as well,
-# the 7.6M-parameter de-en model translated greedily in 1.92 s instead of 2.05 (BLEU 26.29 against 26.32,
-# float32 26.29), but on the tests' random model (tests/test_int8.py) a translation's first tokens then
-# left float32's, which the feed-forward products alone do not.
+# through it on the CPU. With int8 the encoder's feed-forward and Q/K/V products run on int8 weights too
+# (from ``int8_from_rows`` rows, as the decoder's): de-en int8 greedy 2.06-2.11 s against 2.12-2.23 with
+# the feed-forward products alone (BLEU 26.15 against 26.32, float32 26.29), tiny 0.70-0.74 s against
+# 0.70-0.75 (21.84 against 21.67, float32 21.89). The attention's output projection stays float32:
+# quantized as well (an earlier measurement: de-en greedy 1.92 s against 2.05), on the tests' random
+# model a translation's first tokens left float32's, which tests/test_int8.py does not allow.
 
 
 class PackedEncoder(NamedTuple):
@@ -713,7 +714,7 @@ class PackedEncoder(NamedTuple):
 def pack_encoder(model: Transformer, int8: bool = False) -> PackedEncoder:
     """Gather a ``Transformer``'s encoder weights for ``encode``, after checking what ``encode``
     assumes of the layers (as ``pack_decoder`` does for the decoder); with ``int8`` the layers'
-    feed-forward products run on a quantized copy of their weights, taken now."""
+    feed-forward and Q/K/V products run on a quantized copy of their weights, taken now."""
     if any(m.training for m in model.modules()):
         raise ValueError("pack_encoder() is for translating, which has no dropout: call model.eval() first")
     _require(type(model) is Transformer, f"a Transformer, found {type(model).__name__}")
@@ -723,8 +724,9 @@ def pack_encoder(model: Transformer, int8: bool = False) -> PackedEncoder:
     _require(len(model.encoder_layers) == c.num_encoder_layers,
              f"{c.num_encoder_layers} encoder layers, as the config says")
     layers = tuple(_check_layer(layer, c, i, "encoder layer") for i, layer in enumerate(model.encoder_layers))
-    if int8:  # the feed-forward products, most of the encoder's work (2/3 of it at d_ff = 4E)
-        layers = tuple(layer._replace(ff1=_quantized(layer.ff1), ff2=_quantized(layer.ff2)) for layer in layers)
+    if int8:  # the feed-forward and Q/K/V products, 11/12 of the encoder's products at d_ff = 4E
+        layers = tuple(layer._replace(qkv=_quantized(layer.qkv), ff1=_quantized(layer.ff1), ff2=_quantized(layer.ff2))
+                       for layer in layers)
     final_norm = _final_norm(model.encoder_norm, c, "final encoder norm")
     return PackedEncoder(embedding, embed.scale, model.positional.P[0].to(embedding.dtype), layers, final_norm,
                          c.num_heads, c.norm_first, int8)
@@ -740,7 +742,7 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
     H, E = packed.num_heads, packed.embedding.size(1)
     D = E // H
     scale = 1.0 / math.sqrt(D)
-    x = F.embedding(src, packed.embedding).mul_(packed.scale).add_(packed.positions[:S]).view(B * S, E)  # as the modules
+    x = F.embedding(src, packed.embedding).mul_(packed.scale).add_(packed.positions[:S]).view(B * S, E)  # as modules do
     mask = src_mask.expand(B, 1, 1, S)
     for layer in packed.layers:
         h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
