@@ -40,9 +40,9 @@ static inline float dot(const float *a, const float *b, int D) {
     return sum;
 }
 
-/* scores_p = scale · q · keys_p (D each) for p < n: eight keys at a time, their eight sums of
-   products added across lanes together. */
-static void dots(const float *q, const float *const *keys, int n, int D, float scale, float *scores) {
+/* scores_p = scale · q · k_p (D each) for p < n, k_p at places[p] + at: eight keys at a time, their
+   eight sums of products added across lanes together. */
+static void dots(const float *q, const float *const *places, int64_t at, int n, int D, float scale, float *scores) {
     int p = 0;
 #ifdef __AVX__
     if (D % 8 == 0) {
@@ -51,7 +51,8 @@ static void dots(const float *q, const float *const *keys, int n, int D, float s
             for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
             for (int d = 0; d < D; d += 8) {
                 const __m256 qd = _mm256_loadu_ps(q + d);
-                for (int j = 0; j < 8; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(qd, _mm256_loadu_ps(keys[p + j] + d)));
+                for (int j = 0; j < 8; ++j)
+                    acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(qd, _mm256_loadu_ps(places[p + j] + at + d)));
             }
             /* the eight vectors' lane sums as one vector: pairs, then quads, then the two halves */
             const __m256 a = _mm256_hadd_ps(acc[0], acc[1]), b = _mm256_hadd_ps(acc[2], acc[3]);
@@ -62,7 +63,7 @@ static void dots(const float *q, const float *const *keys, int n, int D, float s
         }
     }
 #endif
-    for (; p < n; ++p) scores[p] = scale * dot(q, keys[p], D);
+    for (; p < n; ++p) scores[p] = scale * dot(q, places[p] + at, D);
 }
 
 /* e_p = exp(scores_p - max) in place, for n scores (n8 = n rounded up to 8, the rest -inf); their sum. */
@@ -79,15 +80,16 @@ static float exponentials(float *scores, int n, int n8) {
     return sum8(sum8_);
 }
 
-/* out (D) = Σ_p weights_p values_p / total, values_p at rows[p] (n of them). */
-static void weighted_sum(const float *weights, const float *const *values, int n, float total, int D, float *out) {
+/* out (D) = Σ_p weights_p v_p / total for p < n, v_p at places[p] + at. */
+static void weighted_sum(const float *weights, const float *const *places, int64_t at, int n, float total, int D,
+                         float *out) {
     const float inverse = 1.0f / total;
     int d = 0;
     for (; d + 32 <= D; d += 32) { /* four vectors at a time, each position's weight loaded once */
         vf8 acc0 = splat8(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
         for (int p = 0; p < n; ++p) {
             const vf8 w = splat8(weights[p]);
-            const float *v = values[p] + d;
+            const float *v = places[p] + at + d;
             acc0 += w * load8(v);
             acc1 += w * load8(v + 8);
             acc2 += w * load8(v + 16);
@@ -100,12 +102,12 @@ static void weighted_sum(const float *weights, const float *const *values, int n
     }
     for (; d + 8 <= D; d += 8) {
         vf8 acc = splat8(0.0f);
-        for (int p = 0; p < n; ++p) acc += splat8(weights[p]) * load8(values[p] + d);
+        for (int p = 0; p < n; ++p) acc += splat8(weights[p]) * load8(places[p] + at + d);
         store8(out + d, acc * splat8(inverse));
     }
     for (; d < D; ++d) {
         float acc = 0.0f;
-        for (int p = 0; p < n; ++p) acc += weights[p] * values[p][d];
+        for (int p = 0; p < n; ++p) acc += weights[p] * places[p][at + d];
         out[d] = acc * inverse;
     }
 }
@@ -138,32 +140,29 @@ int attnlab_decoder_self_attention(const float *const *steps, const int64_t *con
     const int t8 = (t1 + 7) / 8 * 8;
 #pragma omp parallel num_threads(threads) if (N * t1 * E > 32768)
     {
-        const float *found[2][MAX_POSITIONS]; /* this row's keys, and the next row's, being fetched */
-        const float *keys[MAX_POSITIONS];
-        const float *values[MAX_POSITIONS];
+        const float *found[2][MAX_POSITIONS]; /* a row's keys at every step, and the next row's, being fetched */
+        const float **now = found[0], **ahead = found[1];
         float scores[MAX_POSITIONS + 8];
-        int next = -1; /* the row whose places found[1] holds */
+        int ahead_row = -1; /* the row whose places ``ahead`` holds */
 #pragma omp for schedule(static)
         for (int r = 0; r < N; ++r) {
-            if (next == r) {
-                for (int p = 0; p < t1; ++p) found[0][p] = found[1][p];
+            if (ahead_row == r) {
+                const float **fetched = ahead;
+                ahead = now, now = fetched;
             } else {
-                locate_row(steps, parents, t1, r, E, found[0]);
+                locate_row(steps, parents, t1, r, E, now);
             }
             if (r + 1 < N) {
-                locate_row(steps, parents, t1, r + 1, E, found[1]);
-                prefetch_places(found[1], t1, E);
-                next = r + 1;
+                locate_row(steps, parents, t1, r + 1, E, ahead);
+                prefetch_places(ahead, t1, E);
+                ahead_row = r + 1;
             }
-            for (int p = 0; p < t1; ++p) keys[p] = found[0][p], values[p] = found[0][p] + E;
             const float *q = steps[t1 - 1] + (int64_t)r * 3 * E;
-            for (int h = 0; h < H; ++h) {
-                if (h > 0) /* the next head's columns */
-                    for (int p = 0; p < t1; ++p) keys[p] += D, values[p] += D;
+            for (int h = 0; h < H; ++h) { /* head h: columns h·D of each key, E + h·D of each value */
                 const int64_t at = (int64_t)h * D;
-                dots(q + at, keys, t1, D, scale, scores);
+                dots(q + at, now, at, t1, D, scale, scores);
                 const float total = exponentials(scores, t1, t8);
-                weighted_sum(scores, values, t1, total, D, out + (int64_t)r * E + at);
+                weighted_sum(scores, now, E + at, t1, total, D, out + (int64_t)r * E + at);
             }
         }
     }
@@ -184,8 +183,7 @@ int attnlab_decoder_cross_attention(const float *memory, const int64_t *offsets,
     const int64_t E = (int64_t)H * D;
 #pragma omp parallel num_threads(threads) if ((int64_t)N * (offsets[1] - offsets[0]) * E > 32768)
     {
-        const float *at_key[MAX_POSITIONS];
-        const float *at_value[MAX_POSITIONS];
+        const float *places[MAX_POSITIONS]; /* each position's key, its value E floats on */
         float scores[MAX_POSITIONS + 8];
 #pragma omp for schedule(static)
         for (int r = 0; r < N; ++r) {
@@ -197,18 +195,13 @@ int attnlab_decoder_cross_attention(const float *memory, const int64_t *offsets,
             const int64_t source = sources ? sources[r] : r;
             const int n = (int)(offsets[source + 1] - offsets[source]);
             const float *keys = memory + offsets[source] * 2 * E;
-            for (int i = 0; i < n; ++i) {
-                at_key[i] = keys + (int64_t)i * 2 * E;
-                at_value[i] = at_key[i] + E;
-            }
+            for (int i = 0; i < n; ++i) places[i] = keys + (int64_t)i * 2 * E;
             const int n8 = (n + 7) / 8 * 8;
             for (int h = 0; h < H; ++h) {
-                if (h > 0)
-                    for (int i = 0; i < n; ++i) at_key[i] += D, at_value[i] += D;
                 const int64_t at = (int64_t)h * D;
-                dots(q + (int64_t)r * q_stride + at, at_key, n, D, scale, scores);
+                dots(q + (int64_t)r * q_stride + at, places, at, n, D, scale, scores);
                 const float total = exponentials(scores, n, n8);
-                weighted_sum(scores, at_value, n, total, D, out + (int64_t)r * E + at);
+                weighted_sum(scores, places, E + at, n, total, D, out + (int64_t)r * E + at);
             }
         }
     }
