@@ -355,7 +355,7 @@ def test_pack_decoder_refuses_a_model_that_differs_from_what_the_step_computes(c
         fast_decode.pack_decoder(model)
 
 
-# -- the encoder's lean form (int8 translation) -------------------------------------------------------------
+# -- the encoder's lean form (translation on the CPU) ---------------------------------------------------
 @pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("length", [7, 70], ids=["short", "long"])  # the compiled attention up to 64, then PyTorch's
 def test_lean_encoder_equals_the_modules(norm_first, share, length, monkeypatch):

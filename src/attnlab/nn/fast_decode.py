@@ -201,13 +201,12 @@ def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMSt
     pasts = state.self_kv or (None,) * len(packed.layers)
     new_kv = []
     for layer, past in zip(packed.layers, pasts):
-        h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
+        h = _sublayer_input(x, layer.norm1, packed.norm_first)
         q, k, v = _linear(h, layer.qkv).view(B, T, 3, H, E // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
         kv = KV(k, v) if past is None else past.extend(KV(k, v))  # (B, H, t + T, D)
         attended = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask)  # (B, H, T, D)
         x = _linear(attended.transpose(1, 2).reshape(B * T, E), layer.out).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
+        x = _after_residual(x, layer.norm1, packed.norm_first)
         x = _feed_forward(x, layer.norm2, layer.ff1, layer.ff2, packed.norm_first)
         new_kv.append(kv)
     last = x.view(B, T, E)[:, -1]  # (B, E)
@@ -388,13 +387,21 @@ def _apply(x: Tensor, weights: Weights) -> Tensor:
     return torch.ops.quantized.linear_dynamic(x, weights.packed, True)  # reduce_range: x86's int8 kernels need it
 
 
+def _sublayer_input(x: Tensor, norm: Affine, norm_first: bool) -> Tensor:
+    """What a sublayer reads from the rows x (N, E): x normalised in a pre-LN layer, x in a post-LN one."""
+    return torch.layer_norm(x, (x.size(-1),), *norm, _LAYER_NORM_EPS) if norm_first else x
+
+
+def _after_residual(x: Tensor, norm: Affine, norm_first: bool) -> Tensor:
+    """The residual sum x (N, E) as the layer passes it on: normalised in a post-LN layer, as it is in a
+    pre-LN one."""
+    return x if norm_first else torch.layer_norm(x, (x.size(-1),), *norm, _LAYER_NORM_EPS)
+
+
 def _feed_forward(x: Tensor, norm: Affine, ff1: Weights, ff2: Weights, norm_first: bool) -> Tensor:
-    """The feed-forward sublayer with its residual and norm, on (N, E) rows: pre-LN normalises its
-    input, post-LN the sum."""
-    E = x.size(1)
-    h = torch.layer_norm(x, (E,), *norm, _LAYER_NORM_EPS) if norm_first else x
-    x = _apply(_apply(h, ff1).relu_(), ff2).add_(x)
-    return x if norm_first else torch.layer_norm(x, (E,), *norm, _LAYER_NORM_EPS)
+    """The feed-forward sublayer with its residual and norm, on (N, E) rows."""
+    h = _sublayer_input(x, norm, norm_first)
+    return _after_residual(_apply(_apply(h, ff1).relu_(), ff2).add_(x), norm, norm_first)
 
 
 class LeanDecoderState(NamedTuple):
@@ -581,6 +588,17 @@ def _grow(past: Tensor | None, rows: Tensor | None, new: Tensor) -> Tensor:
     return grown
 
 
+def _step_input(packed: PackedDecoder, tokens: Tensor, rows: int, t: int) -> Tensor:
+    """The new tokens (N, 1), one for each of a state's ``rows``, at position t: embedded, scaled and
+    with their position added, (N, E); the tokens' shape and the position checked."""
+    N, T = tokens.shape
+    if T != 1 or N != rows:
+        raise ValueError(f"decoder_step takes one token for each of the state's {rows} rows, got {tuple(tokens.shape)}")
+    if t + 1 > packed.positions.size(0):
+        raise ValueError(f"{t + 1} positions do not fit the model's {packed.positions.size(0)}")
+    return torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)
+
+
 @torch.no_grad()
 def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState | NativeDecoderState
                  ) -> tuple[Tensor, LeanDecoderState | NativeDecoderState]:
@@ -592,18 +610,13 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState 
     """
     if type(state) is NativeDecoderState:
         return _native_step(packed, tokens, state)
-    N, T = tokens.shape
     t, G = state.length, state.rows_per_source
     Bs = state.src_mask.size(0)  # memory rows
     groups = Bs if state.sources is None else state.sources.size(0)  # sources read, N / G
-    if T != 1 or N != groups * G:
-        raise ValueError(f"decoder_step takes one token for each of the state's {groups * G} rows, "
-                         f"got {tuple(tokens.shape)}")
-    if t + 1 > packed.positions.size(0):
-        raise ValueError(f"{t + 1} positions do not fit the model's {packed.positions.size(0)}")
+    x = _step_input(packed, tokens, groups * G, t)  # (N, E)
+    N = x.size(0)
     H, E = packed.num_heads, packed.embedding.size(1)
     D = E // H
-    x = torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)  # (N, E)
     pasts = state.self_kv or (None,) * len(packed.layers)
     # The source mask as an additive bias, 0 or -inf, (Bs, 1, 1, S): cross-attention is written out as two
     # batched products around a softmax, which for one query per row is faster on the CPU than the fused
@@ -614,16 +627,15 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState 
     new_kv = []
     for layer, memory, past in zip(packed.layers, state.memory_kv, pasts):
         # Masked self-attention: the one new query sees every cached position.
-        h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
+        h = _sublayer_input(x, layer.norm1, packed.norm_first)
         qkv = _apply(h, layer.qkv).view(N, 3, H, 1, D)
         k = _grow(None if past is None else past.k, state.rows, qkv[:, 1])  # (N, H, t + 1, D)
         v = _grow(None if past is None else past.v, state.rows, qkv[:, 2])
         attended = F.scaled_dot_product_attention(qkv[:, 0], k, v)  # (N, H, 1, D)
         x = _apply(attended.transpose(1, 2).reshape(N, E), layer.self_out).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
+        x = _after_residual(x, layer.norm1, packed.norm_first)
         # Cross-attention: the G rows of a source are G queries of one attention over its keys/values.
-        h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
+        h = _sublayer_input(x, layer.norm2, packed.norm_first)
         q = _apply(h, layer.cross_q).view(groups, G, E)
         if state.sources is not None:  # each group's queries in its memory row; the rows no group reads stay 0
             q = q.new_zeros(Bs, G, E).index_copy_(0, state.sources, q)
@@ -633,8 +645,7 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState 
         if state.sources is not None:
             attended = attended.index_select(0, state.sources)  # (N / G, G, H, D)
         x = _apply(attended.reshape(N, E), layer.cross_out).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
+        x = _after_residual(x, layer.norm2, packed.norm_first)
         x = _feed_forward(x, layer.norm3, layer.ff1, layer.ff2, packed.norm_first)
         new_kv.append(KV(k, v))
     if packed.final_norm is not None:
@@ -645,18 +656,13 @@ def decoder_step(packed: PackedDecoder, tokens: Tensor, state: LeanDecoderState 
 
 def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderState) -> tuple[Tensor, NativeDecoderState]:
     """``decoder_step`` with its attentions in the compiled kernel: the same layers, in the same order."""
-    N, T = tokens.shape
-    if T != 1 or N != state.num_rows:
-        raise ValueError(f"decoder_step takes one token for each of the state's {state.num_rows} rows, "
-                         f"got {tuple(tokens.shape)}")
     t = state.length
-    if t + 1 > packed.positions.size(0):
-        raise ValueError(f"{t + 1} positions do not fit the model's {packed.positions.size(0)}")
+    x = _step_input(packed, tokens, state.num_rows, t)  # (N, E)
+    N = x.size(0)
     kernel = native.decoder_attention_kernel()
     H, E = packed.num_heads, packed.embedding.size(1)
     D = E // H
     scale = 1.0 / math.sqrt(D)
-    x = torch.add(packed.positions[t], F.embedding(tokens[:, 0], packed.embedding), alpha=packed.scale)  # (N, E)
     if t and state.steps and state.addresses[0][-1] != state.steps[0][-1].data_ptr():
         state = _readdressed(state)  # a copy of a state (deepcopy, pickle): new tensors, old addresses
     if state.held > 2 * N * t and (state.held - N * t) * 12 * E * len(state.steps) > COMPACT_BYTES:
@@ -665,19 +671,17 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
     parent_addresses = state.parent_addresses + (0 if state.rows is None else state.rows.data_ptr(),)
     steps, addresses = [], []
     for layer, memory, past, past_addresses in zip(packed.layers, state.memory_kv, state.steps, state.addresses):
-        h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
+        h = _sublayer_input(x, layer.norm1, packed.norm_first)
         qkv = _apply(h, layer.qkv).contiguous()  # (N, 3E): this step's queries, and its keys and values kept
         steps.append(past + (qkv,))
         addresses.append(past_addresses + (qkv.data_ptr(),))
         attended = kernel.self_attention(addresses[-1], parent_addresses, N, H, D, scale)  # (N, E)
         x = _apply(attended, layer.self_out).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
-        h = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS) if packed.norm_first else x
+        x = _after_residual(x, layer.norm1, packed.norm_first)
+        h = _sublayer_input(x, layer.norm2, packed.norm_first)
         attended = kernel.cross_attention(memory, state.offsets, state.sources, _apply(h, layer.cross_q), H, scale)
         x = _apply(attended, layer.cross_out).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm2, _LAYER_NORM_EPS)
+        x = _after_residual(x, layer.norm2, packed.norm_first)
         x = _feed_forward(x, layer.norm3, layer.ff1, layer.ff2, packed.norm_first)
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)
@@ -745,7 +749,7 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
     x = F.embedding(src, packed.embedding).mul_(packed.scale).add_(packed.positions[:S]).view(B * S, E)  # as modules do
     mask = src_mask.expand(B, 1, 1, S)
     for layer in packed.layers:
-        h = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS) if packed.norm_first else x
+        h = _sublayer_input(x, layer.norm1, packed.norm_first)
         qkv = _apply(h, layer.qkv).view(B, S, 3 * E)
         kernel = native.short_attention_for(qkv, D, mask)
         if kernel is not None:
@@ -754,8 +758,7 @@ def encode(packed: PackedEncoder, src: Tensor, src_mask: Tensor) -> Encoded:
             q, k, v = qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, D) each
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B, S, H, D)
         x = _apply(attended.reshape(B * S, E), layer.out).add_(x)
-        if not packed.norm_first:
-            x = torch.layer_norm(x, (E,), *layer.norm1, _LAYER_NORM_EPS)
+        x = _after_residual(x, layer.norm1, packed.norm_first)
         x = _feed_forward(x, layer.norm2, layer.ff1, layer.ff2, packed.norm_first)
     if packed.final_norm is not None:
         x = torch.layer_norm(x, (E,), *packed.final_norm, _LAYER_NORM_EPS)

@@ -49,9 +49,10 @@ from torch import Tensor
 from attnlab.folders import cache_dir
 
 __all__ = [
-    "ShortAttentionKernel", "BeamScoresKernel", "GreedyPickKernel", "DecoderAttentionKernel", "short_attention_kernel",
-    "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel", "kernel_takes", "short_attention_for", "MAX_LEN", "MAX_HEAD_DIM",
-    "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
+    "ShortAttentionKernel", "BeamScoresKernel", "GreedyPickKernel", "DecoderAttentionKernel",
+    "short_attention_kernel", "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel",
+    "kernel_takes", "short_attention_for",
+    "MAX_LEN", "MAX_HEAD_DIM", "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
 ]
 
 SOURCES = Path(__file__).with_name("csrc")  # the C files, built together into one library
@@ -149,10 +150,7 @@ class BeamScoresKernel:
     def top(self, logits: Tensor, alive: Tensor, n: int, banned: Tensor) -> tuple[Tensor, Tensor]:
         S, K = alive.shape
         R, V = logits.size(0) // max(S, 1), logits.size(1)
-        for name, tensor, dtype in (("logits", logits, torch.float32), ("alive", alive, torch.float32),
-                                    ("banned", banned, torch.int64)):
-            if tensor.device.type != "cpu" or tensor.dtype != dtype:
-                raise ValueError(f"{name} must be a CPU {dtype} tensor, got {tensor.dtype} on {tensor.device}")
+        _check_cpu(("logits", logits, torch.float32), ("alive", alive, torch.float32), ("banned", banned, torch.int64))
         if logits.dim() != 2 or logits.size(0) != S * R or not 1 <= R <= K:
             raise ValueError(f"logits must be (S·R, V) for S={S} sentences and 1 <= R <= K={K}, "
                              f"got {tuple(logits.shape)}")
@@ -180,9 +178,7 @@ class GreedyPickKernel:
         self._pick.restype = integer
 
     def pick(self, scores: Tensor, banned: Tensor) -> Tensor:
-        for name, tensor, dtype in (("scores", scores, torch.float32), ("banned", banned, torch.int64)):
-            if tensor.device.type != "cpu" or tensor.dtype != dtype:
-                raise ValueError(f"{name} must be a CPU {dtype} tensor, got {tensor.dtype} on {tensor.device}")
+        _check_cpu(("scores", scores, torch.float32), ("banned", banned, torch.int64))
         if scores.dim() != 2 or scores.size(1) < 1:
             raise ValueError(f"scores must be (N, V) with V >= 1, got {tuple(scores.shape)}")
         scores, banned = scores.contiguous(), banned.contiguous()
@@ -242,6 +238,13 @@ class DecoderAttentionKernel:
             raise RuntimeError(f"attnlab's decoder cross-attention kernel refused N={N} H={H} E={E} (a source with "
                                f"no position, or more than {MAX_DECODE_POSITIONS})")
         return out
+
+
+def _check_cpu(*tensors: tuple[str, Tensor, torch.dtype]) -> None:
+    """Each (name, tensor, dtype) a CPU tensor of that dtype, as the kernels read them; one line otherwise."""
+    for name, tensor, dtype in tensors:
+        if tensor.device.type != "cpu" or tensor.dtype != dtype:
+            raise ValueError(f"{name} must be a CPU {dtype} tensor, got {tensor.dtype} on {tensor.device}")
 
 
 def _pointer(tensor: Tensor | None) -> int | None:
