@@ -416,3 +416,138 @@ def test_int8_encoder_with_heads_wider_than_the_kernel_takes():
         expected = model.encode(src)
     lean = fast_decode.encode(fast_decode.pack_encoder(model), src, expected.src_mask)
     torch.testing.assert_close(lean.memory, expected.memory, atol=2e-5, rtol=0)
+
+
+# -- greedy search's choice through the int8 screen ------------------------------------------------------
+def _screen_bound(screen: fast_decode.OutputScreen, hidden: torch.Tensor) -> torch.Tensor:
+    """The bound the screen relies on, (N, V), as ``fast_decode.screened_pick`` and the kernel form it."""
+    low, high = torch.aminmax(hidden)
+    half_step = 0.5 * (max(float(high), 0.0) - min(float(low), 0.0)) / 127 * (1 + 1e-3)
+    beta = hidden.abs().sum(dim=1, keepdim=True) + hidden.size(1) * half_step
+    return half_step * screen.l1 + beta * screen.error + screen.slack
+
+
+def _output_layer(E: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output layer's Wᵀ (E, V) and b as ``pack_decoder`` holds them: rows of mixed scales, as a
+    trained layer's are (a few large weights, most small)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, E, generator=gen) * torch.rand(V, 1, generator=gen).add(0.05) / E**0.5
+    weight[torch.rand(V, E, generator=gen) < 0.01] *= 8
+    return weight.t(), torch.randn(V, generator=gen)
+
+
+def _hidden_states(N: int, E: int, seed: int) -> list[torch.Tensor]:
+    """Hidden states of every kind the bound must hold for: normal, an outlier, one-signed (all above or
+    all below zero), very small and very large, a single row, a row of zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, E, generator=gen)
+    outlier = x.clone()
+    outlier[0, 3] = 60.0
+    zeros = x.clone()
+    zeros[1] = 0
+    return [x, outlier, x.abs() + 0.5, -x.abs(), x * 1e-3, x * 300, x[:1].clone(), zeros]
+
+
+@pytest.mark.parametrize("E, V", [(32, 40), (128, 1000), (256, 517)])
+def test_the_int8_screens_bound_holds_for_pytorchs_int8_product(E, V):
+    """PyTorch's int8 product of the output layer lies within the screen's bound of the exact logits
+    (computed in float64) for every token and every kind of hidden state: what makes the screened
+    choice the float32 one. And the bound is tight enough to leave few tokens in contention."""
+    screen = fast_decode.output_screen(fast_decode.PackedDecoder(
+        None, 1.0, None, (), None, _output_layer(E, V, seed=E), 1, False, False))
+    if screen is None:
+        pytest.skip("the int8 screen does not apply here (kernels not built, or another quantization engine)")
+    for hidden in _hidden_states(64, E, seed=V):
+        approx = torch.ops.quantized.linear_dynamic(hidden, screen.packed, True)
+        exact = hidden.double() @ screen.rows.double().t() + screen.bias.double()
+        bound = _screen_bound(screen, hidden).double()
+        assert bool(((approx.double() - exact).abs() <= bound).all())
+        # ... and not so loose that it is worthless: the worst error is over a tenth of the bound's
+        assert float(((approx.double() - exact).abs() / bound).max()) > 0.1
+
+
+def test_the_int8_screens_bound_holds_where_each_quantization_errs_most():
+    """Errors made to add up, one kind at a time: activations just short of halfway between the int8
+    steps with weights all positive, then activations exact (all at the maximum) with weights just short
+    of halfway between theirs. Each lies within the bound, and close to it (a bound that assumed 8-bit
+    activations, or left out the weights' error, would fail here)."""
+    E, V = 64, 48
+    gen = torch.Generator().manual_seed(0)
+    step = 2.0 / 127  # activations up to 2.0 in 127 steps (x86's int8 kernels take 7 bits)
+    hidden = (torch.randint(0, 3, (16, E), generator=gen) + 0.49) * step
+    hidden[:, 0] = 2.0
+    cases = [(torch.rand(V, E, generator=gen) * 0.5, hidden),
+             (torch.full((V, E), 0.49 / 127.5).index_fill_(1, torch.tensor([0]), 1.0), torch.ones(16, E))]
+    for weight, hidden in cases:
+        screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight.t(), torch.zeros(V)),
+                                                                     1, False, False))
+        if screen is None:
+            pytest.skip("the int8 screen does not apply here (kernels not built, or another quantization engine)")
+        approx = torch.ops.quantized.linear_dynamic(hidden, screen.packed, True).double()
+        error = (approx - hidden.double() @ screen.rows.double().t()).abs()
+        ratio = error / _screen_bound(screen, hidden).double()
+        assert 0.9 < float(ratio.max()) <= 1.0
+
+
+@needs_kernels
+@pytest.mark.parametrize("E, V", [(32, 40), (128, 1000)])
+def test_screened_pick_chooses_as_the_float32_logits_do(E, V):
+    weight_t, bias = _output_layer(E, V, seed=V)
+    bias[:3] += 50.0  # the banned ids would win: the best of the rest is chosen
+    screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight_t, bias), 1,
+                                                                 False, False))
+    if screen is None:
+        pytest.skip("the int8 screen does not apply here (another quantization engine)")
+    banned = torch.tensor([0, 1, 2])
+    pick = native.greedy_pick_kernel().pick
+    for hidden in _hidden_states(96, E, seed=E):
+        chosen = fast_decode.screened_pick(screen, hidden, banned)
+        assert torch.equal(chosen, pick(torch.addmm(bias, hidden, weight_t), banned))
+    # A row holding NaN or infinity takes the float32 logits, as does a product too small for int8.
+    hidden = torch.randn(8, E, generator=torch.Generator().manual_seed(1))
+    hidden[2, 0], hidden[5, 1] = float("nan"), float("inf")
+    for rows in (hidden, hidden[:1]):
+        assert torch.equal(fast_decode.screened_pick(screen, rows, banned),
+                           pick(torch.addmm(bias, rows, weight_t), banned))
+
+
+@pytest.fixture
+def screen_every_step(monkeypatch):
+    """The tests' models are far too small for int8 to pay (``fast_decode.int8_from_rows``): the screen
+    runs at every step here all the same, so that it is what is tested."""
+    monkeypatch.setattr(fast_decode, "int8_from_rows", lambda fan_in, fan_out: 1)
+    if native.greedy_pick_kernel() is None:
+        pytest.skip("attnlab's compiled kernels could not be built here")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("norm_first, share", LAYOUTS, ids=LAYOUT_IDS)
+def test_greedy_translation_through_the_screen_equals_the_module_reference(norm_first, share, seed,
+                                                                          screen_every_step, monkeypatch):
+    translator = Translator(_transformer(norm_first, share, seed), _Ids(), _Ids())
+    screened = []
+    real_pick = fast_decode.screened_pick
+    monkeypatch.setattr(fast_decode, "screened_pick", lambda *args: screened.append(1) or real_pick(*args))
+    config = DecodeConfig(beam_size=1, extra_len=10)
+    sources = SOURCES + [[s + 3 * seed for s in source[:-1]] + [EOS] for source in SOURCES]
+    lean = translator.translate_ids(sources, config)
+    assert len(screened) == max(len(ids) for ids in lean) + 1  # every step chose through the screen
+    assert lean == translator.translate_ids(sources, DecodeConfig(beam_size=1, extra_len=10, use_cache=False))
+
+
+def test_the_screen_is_made_again_when_the_output_layer_changes(screen_every_step):
+    """Training between translations changes the weights in place, possibly through ``.data`` (which
+    PyTorch's version counter does not see): the translator compares its screen's copy with them."""
+    model = _transformer(False, False)
+    translator = Translator(model, _Ids(), _Ids())
+    config = DecodeConfig(beam_size=1, extra_len=10)
+    first = translator.translate_ids(SOURCES, config)
+    screen = translator._output_screen()
+    assert screen is not None and translator._output_screen() is screen  # kept while the weights stay
+    with torch.no_grad():
+        model.output.weight.data[:, :5] *= -3  # a different layer, unknown to the version counter
+    assert translator._output_screen() is not screen
+    changed = translator.translate_ids(SOURCES, config)
+    assert changed == Translator(model, _Ids(), _Ids()).translate_ids(SOURCES, DecodeConfig(
+        beam_size=1, extra_len=10, use_cache=False))
+    assert changed != first  # the change mattered, so a stale screen would have been seen

@@ -325,6 +325,34 @@ def test_greedy_pick_equals_argmax_with_the_banned_ids_at_minus_infinity(kernel,
         native.greedy_pick_kernel().pick(scores.double(), banned)
 
 
+@pytest.mark.parametrize("at", [0, 16], ids=["vectors", "tail"])  # V = 19: two blocks of 8, then 3 one by one
+@pytest.mark.parametrize("term", ["activations", "weights", "slack"])
+def test_screened_pick_computes_the_tokens_its_bound_leaves_in_contention_and_no_others(kernel, term, at):
+    """Token ``at`` looks best in int8 (3.0 against 0.0) but token ``at`` + 1 is best in float32 (4.0
+    against 1.0): a bound of 1.6 a token, from any one of its three terms, keeps the latter in contention
+    and it is chosen; a bound of 1.4 leaves token ``at`` alone, and it is chosen, the other's float32
+    logit unseen. The banned id 2, best in both, is never chosen."""
+    pick = native.greedy_pick_kernel().screened
+    V = 19
+    hidden, bias, rows = torch.ones(1, 8), torch.zeros(V), torch.zeros(V, 8)
+    bias[at], rows[at + 1], bias[2] = 1.0, 0.5, 9.0  # float32 logits: 1.0 and 4.0 (9.0 for the banned id)
+    approx = torch.full((1, V), -10.0)
+    approx[0, at], approx[0, at + 1], approx[0, 2] = 3.0, 0.0, 9.0
+    for bound, chosen in [(1.6, at + 1), (1.4, at)]:
+        half_step, l1, error, slack = 0.0, torch.zeros(V), torch.zeros(V), 0.0
+        if term == "activations":
+            half_step, l1 = 0.25, torch.full((V,), bound / 0.25)
+        elif term == "weights":  # β = Σ|x| = 8
+            error = torch.full((V,), bound / 8)
+        else:
+            slack = bound
+        assert pick(approx.clone(), hidden, rows, bias, l1, error, half_step, slack, torch.tensor([2])).tolist() == [chosen]
+    approx[0, at + 1] = float("nan")  # a NaN: the caller is told to take the float32 logits
+    assert pick(approx, hidden, rows, bias, l1, error, 0.0, 0.0, torch.tensor([2])) is None
+    with pytest.raises(ValueError, match="do not make"):
+        pick(approx, hidden, rows[:2], bias, l1, error, 0.0, 0.0, torch.tensor([2]))
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("ATTNLAB_NATIVE", "0")
     native._kernels.cache_clear()

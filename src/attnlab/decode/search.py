@@ -63,7 +63,7 @@ def _never_emitted(bos_id: int, eos_id: int, pad_id: int, device: torch.device) 
 @torch.no_grad()
 def greedy_search(
     step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_len: int | Tensor,
-    *, pad_id: int, device: torch.device | str = "cpu",
+    *, pad_id: int, device: torch.device | str = "cpu", pick: Callable[[Any, Tensor], Tensor] | None = None,
 ) -> list[list[int]]:
     """Pick the most likely token at every step until EOS or ``max_len`` tokens (per row).
 
@@ -72,6 +72,11 @@ def greedy_search(
     BOS and ``pad_id`` (the vocabulary's padding) are never picked. A row that ends leaves the batch
     (its prefix and its rows of the state, by ``state.select``), so the step runs on the rows still
     being decoded only. Returns one token list per row, without BOS and EOS.
+
+    ``pick(output, banned)``, where given, makes the choice from what ``step`` returned and the ids
+    never picked (an int64 tensor), (N,) int64, the best allowed token of each row: for a step that
+    returns something other than scores (``Translator``'s float32 steps on the CPU return the decoder's
+    hidden states, which ``attnlab.nn.fast_decode.screened_pick`` chooses from).
     """
     device = torch.device(device)
     limits = _as_lengths(max_len, batch_size, device)  # (N,) for the N rows still decoding
@@ -82,10 +87,12 @@ def greedy_search(
     kernel = native.greedy_pick_kernel() if device.type == "cpu" else None
     for t in range(int(limits.max())):
         scores, state = step(prefix, state)  # (N, V)
-        scores = scores.float()  # (N, V)
-        if kernel is not None:  # the same choice in one compiled pass
-            next_token = kernel.pick(scores, banned)
+        if pick is not None:
+            next_token = pick(scores, banned)
+        elif kernel is not None:  # the same choice in one compiled pass
+            next_token = kernel.pick(scores.float(), banned)
         else:
+            scores = scores.float()  # (N, V)
             next_token = _argmax(scores)  # (N,) the best token, banned or not; the rows whose best is banned
             blocked = torch.isin(next_token, banned).nonzero()[:, 0]  # are searched again without them
             if len(blocked):

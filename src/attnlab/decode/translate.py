@@ -126,6 +126,10 @@ class Translator:
     on int8 copies of their weights (products of few rows on float32 copies, where int8 is slower),
     taken when the translator is made (so later changes to the model's weights are not seen);
     ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
+
+    In float32 on the CPU, greedy search chooses each token through an int8 screen of the output
+    layer (``fast_decode.screened_pick``): the tokens the float32 logits choose, with most of the
+    output layer's arithmetic done in int8.
     """
 
     def __init__(self, model: Transformer, src_vocab: BaseVocab, tgt_vocab: BaseVocab, int8: bool = False) -> None:
@@ -135,6 +139,7 @@ class Translator:
         self.int8 = int8
         self._int8_decoder: fast_decode.PackedDecoder | None = None
         self._int8_encoder: fast_decode.PackedEncoder | None = None
+        self._screen: fast_decode.OutputScreen | None = None  # the last one made (see _output_screen)
         if int8 and self.device.type != "cpu":
             raise ConfigError(f"int8 decoding runs on the CPU only (PyTorch's int8 kernels), but the model is on "
                               f"{self.device}: load it with device='cpu', or leave int8 off")
@@ -188,16 +193,44 @@ class Translator:
     def _search(self, sources: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised;
         # beam search normalizes them itself, with its scoring (in one pass where it can)
-        step, state = self.start_search(self.run_encoder(sources, config.use_cache), config.use_cache,
-                                        log_probs=False)
+        encoded = self.run_encoder(sources, config.use_cache)
+        screen = self._output_screen() if greedy and config.use_cache else None
+        if screen is None:
+            step, state = self.start_search(encoded, config.use_cache, log_probs=False)
+            pick = None
+        else:  # the steps stop at the hidden states, and the choice is made through the int8 screen
+            packed = self._decoder()
+
+            def step(prefix: Tensor, state: Any) -> tuple[Tensor, Any]:
+                return fast_decode.decoder_step(packed, prefix[:, state.length :], state, project=False)
+
+            state, pick = fast_decode.start_decoding(packed, encoded), functools.partial(fast_decode.screened_pick, screen)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,
             device=self.device,
         )
         if greedy:
-            return greedy_search(**search)
+            return greedy_search(**search, pick=pick)
         return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha, logits=True)]
+
+    def _output_screen(self) -> fast_decode.OutputScreen | None:
+        """The int8 screen of the float32 output layer (``fast_decode.screened_pick``), through which
+        greedy search chooses on the CPU; made again whenever the output layer's weights have changed
+        (training between translations: the screen's copy is compared with the weights, one pass over
+        them), None where it does not apply (``fast_decode.output_screen``)."""
+        if self.int8 or self.device.type != "cpu":
+            return None
+        weight, bias = self.model.output.weight, self.model.output.bias
+        screen = self._screen
+        if screen is not None and torch.equal(screen.rows, weight) and torch.equal(screen.bias, bias):
+            return screen
+        try:
+            screen = fast_decode.output_screen(self._decoder())
+        except ValueError:  # a model the lean step does not take: the modules' logits
+            return None
+        self._screen = screen
+        return screen
 
     def run_encoder(self, sources: list[list[int]], lean: bool = True) -> Encoded:
         """The source id lists encoded (the model in evaluation mode) in consecutive pieces of at most

@@ -6,7 +6,9 @@
   Q, K, V into heads and back, and no per-matrix overhead of batched products of 24 x 32 matrices.
 - Decoding: beam search's scoring step (``csrc/beam_scores.c``): log-softmax, beam scores and the
   best 2K extensions per sentence in one pass over the logits, instead of three; greedy search's
-  choice, the best token that is not banned, in one pass (``attnlab_greedy_pick``); and the decoder
+  choice, the best token that is not banned, in one pass (``attnlab_greedy_pick``), or from the output
+  layer's int8 product, computing in float32 only the few tokens its error bound leaves in contention
+  (``attnlab_screened_pick``, for ``fast_decode.screened_pick``); and the decoder
   step's two attentions (``csrc/decode_attention.c``), one query per row, reading each step's keys
   and values where its projection wrote them and following the rows' moves between steps, so that
   the cache is never copied, gathered or grown (``attnlab.nn.fast_decode``).
@@ -168,14 +170,46 @@ class GreedyPickKernel:
     """Greedy search's choice: ``pick(scores, banned)`` for scores (N, V) returns (N,) int64, each
     row's position of its largest score that is not a ``banned`` id: what ``argmax`` gives with the
     banned ids at -inf (the first of equal largest; a NaN first, as ``argmax`` ranks it), except in a
-    row whose allowed scores are all -inf, where it gives the first allowed id (``argmax``: 0)."""
+    row whose allowed scores are all -inf, where it gives the first allowed id (``argmax``: 0).
+
+    ``screened(approx, hidden, rows, bias, l1, error, half_step, slack, banned)``: the same choice over
+    the float32 logits ``bias + hidden @ rows.T`` (N, V), from ``approx``, the int8 approximation of
+    those logits, within the error bound described in ``csrc/beam_scores.c``
+    (``attnlab_screened_pick``); only the tokens that bound leaves in contention are computed in
+    float32. ``approx`` is overwritten. None where a row holds a NaN or an infinity: the caller then
+    computes the logits in float32 and picks from them."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        pointer, integer, real = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         self._pick = library.attnlab_greedy_pick
         self._pick.argtypes = [pointer, ctypes.c_int64, integer, pointer, integer, pointer, integer]
         self._pick.restype = integer
+        self._screened = library.attnlab_screened_pick
+        self._screened.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, real, real, ctypes.c_int64,
+                                   integer, integer, pointer, integer, pointer, integer]
+        self._screened.restype = integer
+
+    def screened(self, approx: Tensor, hidden: Tensor, rows: Tensor, bias: Tensor, l1: Tensor, error: Tensor,
+                 half_step: float, slack: float, banned: Tensor) -> Tensor | None:
+        _check_cpu(*((name, tensor, torch.float32) for name, tensor in (
+            ("approx", approx), ("hidden", hidden), ("rows", rows), ("bias", bias), ("l1", l1), ("error", error))),
+            ("banned", banned, torch.int64))
+        N, E = hidden.shape
+        V = rows.size(0)
+        if approx.shape != (N, V) or rows.shape != (V, E) or any(t.shape != (V,) for t in (bias, l1, error)):
+            raise ValueError(f"screened: approx {tuple(approx.shape)}, hidden {tuple(hidden.shape)} and rows "
+                             f"{tuple(rows.shape)} do not make (N, V), (N, E) and (V, E)")
+        if not (approx.is_contiguous() and rows.is_contiguous()):
+            raise ValueError("screened: approx and rows must be contiguous")
+        hidden, bias, l1, error, banned = (t.contiguous() for t in (hidden, bias, l1, error, banned))
+        out = torch.empty(N, dtype=torch.int64)
+        status = self._screened(approx.data_ptr(), hidden.data_ptr(), rows.data_ptr(), bias.data_ptr(), l1.data_ptr(),
+                                error.data_ptr(), half_step, slack, N, V, E, banned.data_ptr(), banned.numel(),
+                                out.data_ptr(), torch.get_num_threads())
+        if status < 0:
+            raise RuntimeError(f"attnlab's screened-pick kernel refused N={N} V={V} E={E}")
+        return None if status else out
 
     def pick(self, scores: Tensor, banned: Tensor) -> Tensor:
         _check_cpu(("scores", scores, torch.float32), ("banned", banned, torch.int64))

@@ -161,3 +161,102 @@ int attnlab_greedy_pick(const float *scores, int64_t rows, int V, const int64_t 
     for (int64_t r = 0; r < rows; ++r) out[r] = pick_row(scores + r * V, V, banned, nbanned);
     return 0;
 }
+
+/* Greedy search's choice from an int8 screen (attnlab.nn.fast_decode.screened_pick): the same token
+   as attnlab_greedy_pick over the float32 logits b_v + x · w_v, having computed only a few of them.
+
+   approx (N, V) holds the output layer computed in int8 (PyTorch's dynamic quantization), which is
+   within e_v = half_step · l1_v + β · error_v + slack of the float32 logit of every token v, where
+   half_step is half the activations' quantization step (with room for rounding), β = Σ_e |x_e| +
+   E · half_step bounds the quantized row's sum of magnitudes, l1_v = Σ_e |w_ve|, error_v bounds each
+   weight's quantization error (and the float32 rounding of the products), and slack the rounding of
+   the biases.  So the best token's upper bound approx_v + e_v is at least every token's lower bound
+   approx_u - e_u, and the best lies among the tokens whose upper bound reaches the largest lower bound:
+   on the trained models about three a row.  Those are computed in float32 (rows holds w_v, (V, E)) and
+   the best taken, the first of equals.  The banned ids' approximations are set to -inf first (approx
+   is the caller's scratch).  Returns 0; 1 where a row holds a NaN or an infinity (or bans every id),
+   for the caller to take the float32 logits instead; -1 for shapes out of range. */
+static inline float row_dot(const float *x, const float *w, int E) {
+    int e = 0;
+    vf8 acc0 = splat8(0.0f), acc1 = acc0;
+    for (; e + 16 <= E; e += 16) {
+        acc0 += load8(x + e) * load8(w + e);
+        acc1 += load8(x + e + 8) * load8(w + e + 8);
+    }
+    for (; e + 8 <= E; e += 8) acc0 += load8(x + e) * load8(w + e);
+    float sum = sum8(acc0 + acc1);
+    for (; e < E; ++e) sum += x[e] * w[e];
+    return sum;
+}
+
+static int screened_row(float *approx, const float *x, const float *rows, const float *bias, const float *l1,
+                        const float *error, float half_step, float slack, int V, int E, const int64_t *banned,
+                        int nbanned, int64_t *out) {
+    float beta = 0.0f;
+    for (int e = 0; e < E; ++e) beta += fabsf(x[e]);
+    beta += (float)E * half_step;
+    if (!isfinite(beta)) return 1;
+    for (int k = 0; k < nbanned; ++k)
+        if (banned[k] >= 0 && banned[k] < V) approx[banned[k]] = -INFINITY;
+    const vf8 h8 = splat8(half_step), b8 = splat8(beta), s8 = splat8(slack);
+    /* the largest lower bound, four running maxima apart (a NaN is caught by bad8, so any max will do) */
+    vf8 low8[4] = {splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY)};
+    vi8 bad8 = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
+    int v = 0;
+    for (; v + 32 <= V; v += 32)
+        for (int u = 0; u < 4; ++u) {
+            const int w = v + 8 * u;
+            const vf8 a = load8(approx + w);
+            bad8 |= a != a;
+            low8[u] = max8(a - (h8 * load8(l1 + w) + b8 * load8(error + w) + s8), low8[u]);
+        }
+    for (; v + 8 <= V; v += 8) {
+        const vf8 a = load8(approx + v);
+        bad8 |= a != a;
+        low8[0] = max8(a - (h8 * load8(l1 + v) + b8 * load8(error + v) + s8), low8[0]);
+    }
+    float low = largest8(max8(max8(low8[0], low8[1]), max8(low8[2], low8[3])));
+    for (int k = 0; k < 8; ++k) if (bad8[k]) return 1;
+    for (; v < V; ++v) {
+        if (approx[v] != approx[v]) return 1;
+        const float lower = approx[v] - (half_step * l1[v] + beta * error[v] + slack);
+        low = lower > low ? lower : low;
+    }
+    if (!isfinite(low)) return 1; /* an infinite approximation, or every id banned */
+    int64_t best = -1;
+    float value = -INFINITY;
+    const vf8 low8_ = splat8(low);
+    v = 0;
+#ifdef __AVX__
+    for (; v + 8 <= V; v += 8) { /* eight upper bounds at a time, against the largest lower bound */
+        const vi8 reach = load8(approx + v) + (h8 * load8(l1 + v) + b8 * load8(error + v) + s8) >= low8_;
+        for (int lanes = _mm256_movemask_ps((__m256)reach); lanes; lanes &= lanes - 1) {
+            const int w = v + __builtin_ctz(lanes);
+            const float logit = bias[w] + row_dot(x, rows + (int64_t)w * E, E);
+            if (logit != logit) return 1;
+            if (best < 0 || logit > value) best = w, value = logit;
+        }
+    }
+#endif
+    for (; v < V; ++v) {
+        if (approx[v] + (half_step * l1[v] + beta * error[v] + slack) < low) continue;
+        const float logit = bias[v] + row_dot(x, rows + (int64_t)v * E, E);
+        if (logit != logit) return 1;
+        if (best < 0 || logit > value) best = v, value = logit;
+    }
+    *out = best;
+    return 0;
+}
+
+int attnlab_screened_pick(float *approx, const float *hidden, const float *rows, const float *bias, const float *l1,
+                          const float *error, float half_step, float slack, int64_t N, int V, int E,
+                          const int64_t *banned, int nbanned, int64_t *out, int threads) {
+    if (N < 0 || V < 1 || E < 1) return -1;
+    if (threads < 1) threads = 1;
+    int refused = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : refused) if (N * V > 65536)
+    for (int64_t r = 0; r < N; ++r)
+        refused |= screened_row(approx + r * V, hidden + r * E, rows, bias, l1, error, half_step, slack, V, E,
+                                banned, nbanned, out + r);
+    return refused ? 1 : 0;
+}
