@@ -140,11 +140,15 @@ class BaseVocab(ABC):
         """``encode`` of every text."""
         return [self.encode(t) for t in texts]
 
-    def _content_ids(self, ids: Iterable[int]) -> list[int]:
+    def _content_rules(self) -> tuple[frozenset[int], int, int]:
+        """What ``_content_ids`` goes by: the special ids, ``<eos>``'s id and the size (found once a batch)."""
+        return self.special_ids, self.eos_id, len(self)
+
+    def _content_ids(self, ids: Iterable[int], rules: tuple[frozenset[int], int, int] | None = None) -> list[int]:
         """The ids up to the first ``<eos>``, without special tokens; checks each id's range."""
         if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
-        special, eos, size = self.special_ids, self.eos_id, len(self)
+        special, eos, size = rules or self._content_rules()
         content: list[int] = []
         for i in ids:
             if not 0 <= i < size:
@@ -161,7 +165,8 @@ class BaseVocab(ABC):
 
     def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
         """``decode`` of every sequence (rows of a 2-D tensor work too)."""
-        return [self.decode(ids) for ids in batch]
+        rules = self._content_rules()
+        return [self._decode_content(self._content_ids(ids, rules)) for ids in batch]
 
     def to_json(self) -> str:
         """The vocabulary as a JSON string, tagged with its ``kind``."""
@@ -276,7 +281,8 @@ class Vocab(BaseVocab):
 
     def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
         """``decode`` of every sequence, through the tokenizer's batch API."""
-        contents = [self._content_ids(ids) for ids in batch]
+        rules = self._content_rules()
+        contents = [self._content_ids(ids, rules) for ids in batch]
         return self.tokenizer.decode_batch(contents, skip_special_tokens=False)
 
     def _to_dict(self) -> dict[str, Any]:

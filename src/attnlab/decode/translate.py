@@ -313,9 +313,9 @@ class Translator:
 
             batches = tqdm(batches, desc="translating", unit="batch")
         for batch in batches:
-            outputs = self.translate_ids([sources[j] for j in batch], config)
-            for j, ids in zip(batch, outputs):
-                results[todo[j]] = self.tgt_vocab.decode(ids)
+            outputs = self.tgt_vocab.decode_batch(self.translate_ids([sources[j] for j in batch], config))
+            for j, text in zip(batch, outputs):
+                results[todo[j]] = text
         return results
 
 
