@@ -745,14 +745,17 @@ def output_screen(packed: PackedDecoder) -> OutputScreen | None:
     rows = weight_t.t().detach().clone(memory_format=torch.contiguous_format)  # (V, E)
     bias = bias.detach().clone()
     V, E = rows.shape
-    quantized = _per_channel_int8(rows)
+    try:
+        quantized = _per_channel_int8(rows)
+        packed_int8 = torch.ops.quantized.linear_prepack(quantized, bias)
+    except RuntimeError:  # a PyTorch built without these int8 kernels: greedy search takes the float32 logits
+        return None
     largest = rows.abs().amax(dim=1)
     # Each logit's float32 rounding, in the int8 product's conversion and in the few float32 sums, is
     # within (E + 8) ulp-sized steps of Σ_e |x_e W_ve| <= Σ_e |x_e| · max_e |W_ve|: four times that here.
     rounding = 4 * (E + 8) * 2.0**-24
     error = (rows - quantized.dequantize()).abs().amax(dim=1) + rounding * largest
     slack = 1e-5 * (float(bias.abs().max()) + 1.0) if V else 0.0
-    packed_int8 = torch.ops.quantized.linear_prepack(quantized, bias)
     return OutputScreen(packed_int8, rows, bias, rows.abs().sum(dim=1), error, slack, int8_from_rows(E, V))
 
 
