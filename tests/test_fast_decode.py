@@ -422,7 +422,8 @@ def test_int8_encoder_with_heads_wider_than_the_kernel_takes():
 def _screen_bound(screen: fast_decode.OutputScreen, hidden: torch.Tensor) -> torch.Tensor:
     """The bound the screen relies on, (N, V), as ``fast_decode.screened_pick`` and the kernel form it."""
     low, high = torch.aminmax(hidden)
-    half_step = 0.5 * (max(float(high), 0.0) - min(float(low), 0.0)) / 127 * (1 + 1e-3)
+    step = max((max(float(high), 0.0) - min(float(low), 0.0)) / 127, fast_decode.INT8_SMALLEST_STEP)
+    half_step = 0.5 * step * (1 + 1e-3)
     beta = hidden.abs().sum(dim=1, keepdim=True) + hidden.size(1) * half_step
     return half_step * screen.l1 + beta * screen.error + screen.slack
 
@@ -468,16 +469,19 @@ def test_the_int8_screens_bound_holds_for_pytorchs_int8_product(E, V):
 
 def test_the_int8_screens_bound_holds_where_each_quantization_errs_most():
     """Errors made to add up, one kind at a time: activations just short of halfway between the int8
-    steps with weights all positive, then activations exact (all at the maximum) with weights just short
+    steps with weights all positive (a range of 2.0 in 127 steps, then a range too narrow for that,
+    in PyTorch's smallest steps), then activations exact (all at the maximum) with weights just short
     of halfway between theirs. Each lies within the bound, and close to it (a bound that assumed 8-bit
-    activations, or left out the weights' error, would fail here)."""
+    activations, or range / 127 below PyTorch's smallest step, or left out the weights' error, would
+    fail here)."""
     E, V = 64, 48
     gen = torch.Generator().manual_seed(0)
-    step = 2.0 / 127  # activations up to 2.0 in 127 steps (x86's int8 kernels take 7 bits)
-    hidden = (torch.randint(0, 3, (16, E), generator=gen) + 0.49) * step
-    hidden[:, 0] = 2.0
-    cases = [(torch.rand(V, E, generator=gen) * 0.5, hidden),
-             (torch.full((V, E), 0.49 / 127.5).index_fill_(1, torch.tensor([0]), 1.0), torch.ones(16, E))]
+    cases = []
+    for step, top in [(2.0 / 127, 2.0), (fast_decode.INT8_SMALLEST_STEP, 20 * fast_decode.INT8_SMALLEST_STEP)]:
+        hidden = (torch.randint(0, 3, (16, E), generator=gen) + 0.49) * step
+        hidden[:, 0] = top
+        cases.append((torch.rand(V, E, generator=gen) * 0.5, hidden))
+    cases.append((torch.full((V, E), 0.49 / 127.5).index_fill_(1, torch.tensor([0]), 1.0), torch.ones(16, E)))
     for weight, hidden in cases:
         screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight.t(), torch.zeros(V)),
                                                                      1, False, False))
@@ -491,24 +495,36 @@ def test_the_int8_screens_bound_holds_where_each_quantization_errs_most():
 
 @needs_kernels
 @pytest.mark.parametrize("E, V", [(32, 40), (128, 1000)])
-def test_screened_pick_chooses_as_the_float32_logits_do(E, V):
+def test_screened_pick_chooses_as_the_float32_logits_do(E, V, monkeypatch):
     weight_t, bias = _output_layer(E, V, seed=V)
     bias[:3] += 50.0  # the banned ids would win: the best of the rest is chosen
-    screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight_t, bias), 1,
-                                                                 False, False))
-    if screen is None:
+    layer = fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight_t, bias), 1, False, False)
+    if fast_decode.output_screen(layer) is None:
         pytest.skip("the int8 screen does not apply here (another quantization engine)")
+    assert fast_decode.output_screen(layer).from_rows == fast_decode.int8_from_rows(E, V) > 8
+    monkeypatch.setattr(fast_decode, "int8_from_rows", lambda fan_in, fan_out: 1)  # the screen for any rows
+    screen = fast_decode.output_screen(layer)
     banned = torch.tensor([0, 1, 2])
     pick = native.greedy_pick_kernel().pick
+    screened_rows = []
+    real_kernel = native.GreedyPickKernel.screened
+    monkeypatch.setattr(native.GreedyPickKernel, "screened",
+                        lambda self, *args: screened_rows.append(len(args[1])) or real_kernel(self, *args))
     for hidden in _hidden_states(96, E, seed=E):
         chosen = fast_decode.screened_pick(screen, hidden, banned)
         assert torch.equal(chosen, pick(torch.addmm(bias, hidden, weight_t), banned))
-    # A row holding NaN or infinity takes the float32 logits, as does a product too small for int8.
+    assert screened_rows == [96] * 6 + [1, 96]  # every kind went through the screen
+    # A row holding NaN or infinity: the kernel refuses the batch, which takes the float32 logits.
     hidden = torch.randn(8, E, generator=torch.Generator().manual_seed(1))
     hidden[2, 0], hidden[5, 1] = float("nan"), float("inf")
-    for rows in (hidden, hidden[:1]):
-        assert torch.equal(fast_decode.screened_pick(screen, rows, banned),
-                           pick(torch.addmm(bias, rows, weight_t), banned))
+    assert torch.equal(fast_decode.screened_pick(screen, hidden, banned), pick(torch.addmm(bias, hidden, weight_t), banned))
+    assert len(screened_rows) == 9
+    # Rows too few for int8 to pay take the float32 logits without the screen.
+    few = screen._replace(from_rows=9)
+    assert torch.equal(fast_decode.screened_pick(few, hidden, banned), pick(torch.addmm(bias, hidden, weight_t), banned))
+    assert len(screened_rows) == 9
+    with pytest.raises(ValueError, match="float32 hidden states"):
+        fast_decode.screened_pick(screen, hidden.double(), banned)
 
 
 @pytest.fixture
@@ -551,3 +567,7 @@ def test_the_screen_is_made_again_when_the_output_layer_changes(screen_every_ste
     assert changed == Translator(model, _Ids(), _Ids()).translate_ids(SOURCES, DecodeConfig(
         beam_size=1, extra_len=10, use_cache=False))
     assert changed != first  # the change mattered, so a stale screen would have been seen
+    model.double()  # float64 weights equal in value to the screen's float32 copy: no screen, not a stale one
+    assert translator._output_screen() is None
+    assert translator.translate_ids(SOURCES, config) == translator.translate_ids(SOURCES, DecodeConfig(
+        beam_size=1, extra_len=10, use_cache=False))

@@ -223,7 +223,8 @@ class Translator:
             return None
         weight, bias = self.model.output.weight, self.model.output.bias
         screen = self._screen
-        if screen is not None and torch.equal(screen.rows, weight) and torch.equal(screen.bias, bias):
+        if (screen is not None and weight.dtype == bias.dtype == torch.float32  # torch.equal compares values only
+                and torch.equal(screen.rows, weight) and torch.equal(screen.bias, bias)):
             return screen
         try:
             screen = fast_decode.output_screen(self._decoder())

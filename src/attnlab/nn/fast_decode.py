@@ -715,9 +715,12 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
 # check the bound against PyTorch's int8 product and the choices against the float32 ones.
 # ``attnlab.decode.translate`` screens greedy search's float32 steps on the CPU this way.
 
-# The int8 product's quantization engines whose arithmetic the bound above describes (tests/test_int8.py
+# The int8 product's quantization engines whose arithmetic the bound above describes (tests/test_fast_decode.py
 # checks it): x86's, which runs fbgemm's on AVX2 machines, and fbgemm's.
 SCREEN_ENGINES = ("x86", "fbgemm")
+# PyTorch's smallest activation step (SMALL_SCALE_THRESHOLD in ATen's quantized QuantUtils.h): a range
+# narrower than 127 of these is quantized in steps of this size, not range / 127.
+INT8_SMALLEST_STEP = 6.1e-5
 
 
 class OutputScreen(NamedTuple):
@@ -765,12 +768,15 @@ def screened_pick(screen: OutputScreen, hidden: Tensor, banned: Tensor) -> Tenso
     hidden states (N, E), found through the int8 screen above. Rows too few for int8 to pay, or holding
     a NaN or an infinity, take the float32 logits."""
     kernel = native.greedy_pick_kernel()
+    if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
+        raise ValueError(f"screened_pick takes float32 hidden states on the CPU, got {hidden.dtype} on {hidden.device}")
     if hidden.size(0) >= screen.from_rows:
         approx = torch.ops.quantized.linear_dynamic(hidden, screen.packed, True)  # reduce_range, as _apply's
         low, high = torch.aminmax(hidden)
         # half the activations' quantization step: their range, zero included, over 127 (x86's int8
-        # kernels take 7 bits), with room for the rounding of x / s
-        half_step = 0.5 * (max(float(high), 0.0) - min(float(low), 0.0)) / 127 * (1 + 1e-3)
+        # kernels take 7 bits), PyTorch's smallest step at least, with room for the rounding of x / s
+        step = max((max(float(high), 0.0) - min(float(low), 0.0)) / 127, INT8_SMALLEST_STEP)
+        half_step = 0.5 * step * (1 + 1e-3)
         chosen = kernel.screened(approx, hidden, screen.rows, screen.bias, screen.l1, screen.error, half_step,
                                  screen.slack, banned)
         if chosen is not None:
