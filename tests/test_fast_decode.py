@@ -483,8 +483,8 @@ def test_the_int8_screens_bound_holds_where_each_quantization_errs_most():
         cases.append((torch.rand(V, E, generator=gen) * 0.5, hidden))
     cases.append((torch.full((V, E), 0.49 / 127.5).index_fill_(1, torch.tensor([0]), 1.0), torch.ones(16, E)))
     for weight, hidden in cases:
-        screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight.t(), torch.zeros(V)),
-                                                                     1, False, False))
+        layer = (weight.t(), torch.zeros(V))
+        screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, layer, 1, False, False))
         if screen is None:
             pytest.skip("the int8 screen does not apply here (kernels not built, or another quantization engine)")
         approx = torch.ops.quantized.linear_dynamic(hidden, screen.packed, True).double()
@@ -517,11 +517,12 @@ def test_screened_pick_chooses_as_the_float32_logits_do(E, V, monkeypatch):
     # A row holding NaN or infinity: the kernel refuses the batch, which takes the float32 logits.
     hidden = torch.randn(8, E, generator=torch.Generator().manual_seed(1))
     hidden[2, 0], hidden[5, 1] = float("nan"), float("inf")
-    assert torch.equal(fast_decode.screened_pick(screen, hidden, banned), pick(torch.addmm(bias, hidden, weight_t), banned))
+    expected = pick(torch.addmm(bias, hidden, weight_t), banned)
+    assert torch.equal(fast_decode.screened_pick(screen, hidden, banned), expected)
     assert len(screened_rows) == 9
     # Rows too few for int8 to pay take the float32 logits without the screen.
     few = screen._replace(from_rows=9)
-    assert torch.equal(fast_decode.screened_pick(few, hidden, banned), pick(torch.addmm(bias, hidden, weight_t), banned))
+    assert torch.equal(fast_decode.screened_pick(few, hidden, banned), expected)
     assert len(screened_rows) == 9
     with pytest.raises(ValueError, match="float32 hidden states"):
         fast_decode.screened_pick(screen, hidden.double(), banned)

@@ -346,7 +346,8 @@ def test_screened_pick_computes_the_tokens_its_bound_leaves_in_contention_and_no
             error = torch.full((V,), bound / 8)
         else:
             slack = bound
-        assert pick(approx.clone(), hidden, rows, bias, l1, error, half_step, slack, torch.tensor([2])).tolist() == [chosen]
+        picked = pick(approx.clone(), hidden, rows, bias, l1, error, half_step, slack, torch.tensor([2]))
+        assert picked.tolist() == [chosen]
     approx[0, at + 1] = float("nan")  # a NaN: the caller is told to take the float32 logits
     assert pick(approx, hidden, rows, bias, l1, error, 0.0, 0.0, torch.tensor([2])) is None
     with pytest.raises(ValueError, match="do not make"):

@@ -204,7 +204,8 @@ class Translator:
             def step(prefix: Tensor, state: Any) -> tuple[Tensor, Any]:
                 return fast_decode.decoder_step(packed, prefix[:, state.length :], state, project=False)
 
-            state, pick = fast_decode.start_decoding(packed, encoded), functools.partial(fast_decode.screened_pick, screen)
+            state = fast_decode.start_decoding(packed, encoded)
+            pick = functools.partial(fast_decode.screened_pick, screen)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,

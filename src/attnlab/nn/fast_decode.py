@@ -704,8 +704,8 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
 # Greedy search wants each row's best token, not its V logits, and on the CPU the output layer is the
 # largest product of the step (N x E x V: half the decoder's arithmetic on the tiny model). Its int8 form
 # (PyTorch's dynamic quantization, per-channel weights) is 1.4-1.9x faster at E = 128 and 1.8-2.5x at
-# E = 256, and provably close: with activations quantized to steps of s (half a step of error at most)
-# and weight rows Ŵ_v, the int8 logit of token v is within
+# E = 256, and provably close: with activations quantized to steps of s (their range over 127, at least
+# ``INT8_SMALLEST_STEP``; half a step of error at most) and weight rows Ŵ_v, the int8 logit of token v is within
 #     e_v = (s / 2) · Σ_e |W_ve| + (Σ_e |x_e| + E s / 2) · max_e |W_ve - Ŵ_ve| + (float32 rounding)
 # of its float32 logit. So the best token's int8 logit plus its e_v reaches every token's int8 logit
 # minus its own, and only the tokens that reach the largest of those lower bounds can be the best: on
