@@ -348,6 +348,9 @@ def test_screened_pick_computes_the_tokens_its_bound_leaves_in_contention_and_no
             slack = bound
         picked = pick(approx.clone(), hidden, rows, bias, l1, error, half_step, slack, torch.tensor([2]))
         assert picked.tolist() == [chosen]
+    # Ids outside the vocabulary in the banned list are passed over (the search bans BOS and PAD, inside).
+    outside = torch.tensor([2, -1, V, V + 7])
+    assert pick(approx.clone(), hidden, rows, bias, l1, error, half_step, slack, outside).tolist() == [at]
     approx[0, at + 1] = float("nan")  # a NaN: the caller is told to take the float32 logits
     assert pick(approx, hidden, rows, bias, l1, error, 0.0, 0.0, torch.tensor([2])) is None
     with pytest.raises(ValueError, match="do not make"):
