@@ -193,19 +193,11 @@ class Translator:
     def _search(self, sources: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised;
         # beam search normalizes them itself, with its scoring (in one pass where it can)
-        encoded = self.run_encoder(sources, config.use_cache)
         screen = self._output_screen() if greedy and config.use_cache else None
-        if screen is None:
-            step, state = self.start_search(encoded, config.use_cache, log_probs=False)
-            pick = None
-        else:  # the steps stop at the hidden states, and the choice is made through the int8 screen
-            packed = self._decoder()
-
-            def step(prefix: Tensor, state: Any) -> tuple[Tensor, Any]:
-                return fast_decode.decoder_step(packed, prefix[:, state.length :], state, project=False)
-
-            state = fast_decode.start_decoding(packed, encoded)
-            pick = functools.partial(fast_decode.screened_pick, screen)
+        # with a screen the steps stop at the hidden states, and the choice is made through it
+        step, state = self.start_search(self.run_encoder(sources, config.use_cache), config.use_cache,
+                                        log_probs=False, project=screen is None)
+        pick = None if screen is None else functools.partial(fast_decode.screened_pick, screen)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,
@@ -270,12 +262,14 @@ class Translator:
         lengths = torch.tensor([len(s) for s in sources], device=self.device)  # (B,)
         return torch.clamp(lengths + config.extra_len, max=self.model.config.max_len - 1)
 
-    def start_search(self, encoded: Encoded, use_cache: bool = True, log_probs: bool = True) -> SearchStart:
+    def start_search(self, encoded: Encoded, use_cache: bool = True, log_probs: bool = True,
+                     project: bool = True) -> SearchStart:
         """The step function and first state of a search from the encoded sources (the model in
         evaluation mode): the lean step with its cache, or with ``use_cache=False`` the modules
         re-reading the whole prefix at every step (the reference the lean step is tested against).
         The step returns log-probabilities, or with ``log_probs=False`` the logits (which greedy
-        search, comparing a row's scores only, can use as they are)."""
+        search, comparing a row's scores only, can use as they are), or with ``project=False`` (the
+        lean step only) the decoder's last hidden states, for ``fast_decode.screened_pick``."""
         if not use_cache:
             if self.int8:
                 raise ConfigError("int8 decoding runs through the cached lean step: use_cache=False is the "
@@ -284,8 +278,8 @@ class Translator:
         packed = self._decoder()
 
         def step(prefix: Tensor, state: fast_decode.LeanDecoderState) -> tuple[Tensor, fast_decode.LeanDecoderState]:
-            logits, state = fast_decode.decoder_step(packed, prefix[:, state.length :], state)  # (N, V)
-            return (logits.log_softmax(dim=-1) if log_probs else logits), state
+            out, state = fast_decode.decoder_step(packed, prefix[:, state.length :], state, project)  # (N, V) or (N, E)
+            return (out.log_softmax(dim=-1) if log_probs and project else out), state
 
         return SearchStart(step, fast_decode.start_decoding(packed, encoded))
 

@@ -176,18 +176,16 @@ int attnlab_greedy_pick(const float *scores, int64_t rows, int V, const int64_t 
    the best taken, the first of equals.  The banned ids' approximations are set to -inf first (approx
    is the caller's scratch).  Returns 0; 1 where a row holds a NaN or an infinity (or bans every id),
    for the caller to take the float32 logits instead; -1 for shapes out of range. */
-static inline float row_dot(const float *x, const float *w, int E) {
-    int e = 0;
-    vf8 acc0 = splat8(0.0f), acc1 = acc0;
-    for (; e + 16 <= E; e += 16) {
-        acc0 += load8(x + e) * load8(w + e);
-        acc1 += load8(x + e + 8) * load8(w + e + 8);
-    }
-    for (; e + 8 <= E; e += 8) acc0 += load8(x + e) * load8(w + e);
-    float sum = sum8(acc0 + acc1);
-    for (; e < E; ++e) sum += x[e] * w[e];
-    return sum;
+typedef struct { /* the terms of the bound e_v for one row */
+    const float *l1, *error;
+    float half_step, beta, slack;
+} Bound;
+
+static inline vf8 bound8(const Bound *b, int v) {
+    return splat8(b->half_step) * load8(b->l1 + v) + splat8(b->beta) * load8(b->error + v) + splat8(b->slack);
 }
+
+static inline float bound1(const Bound *b, int v) { return b->half_step * b->l1[v] + b->beta * b->error[v] + b->slack; }
 
 static int screened_row(float *approx, const float *x, const float *rows, const float *bias, const float *l1,
                         const float *error, float half_step, float slack, int V, int E, const int64_t *banned,
@@ -198,7 +196,7 @@ static int screened_row(float *approx, const float *x, const float *rows, const 
     if (!isfinite(beta)) return 1;
     for (int k = 0; k < nbanned; ++k)
         if (banned[k] >= 0 && banned[k] < V) approx[banned[k]] = -INFINITY;
-    const vf8 h8 = splat8(half_step), b8 = splat8(beta), s8 = splat8(slack);
+    const Bound e = {l1, error, half_step, beta, slack};
     /* the largest lower bound, four running maxima apart (a NaN is caught by bad8, so any max will do) */
     vf8 low8[4] = {splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY), splat8(-INFINITY)};
     vi8 bad8 = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
@@ -208,18 +206,18 @@ static int screened_row(float *approx, const float *x, const float *rows, const 
             const int w = v + 8 * u;
             const vf8 a = load8(approx + w);
             bad8 |= a != a;
-            low8[u] = max8(a - (h8 * load8(l1 + w) + b8 * load8(error + w) + s8), low8[u]);
+            low8[u] = max8(a - bound8(&e, w), low8[u]);
         }
     for (; v + 8 <= V; v += 8) {
         const vf8 a = load8(approx + v);
         bad8 |= a != a;
-        low8[0] = max8(a - (h8 * load8(l1 + v) + b8 * load8(error + v) + s8), low8[0]);
+        low8[0] = max8(a - bound8(&e, v), low8[0]);
     }
     float low = largest8(max8(max8(low8[0], low8[1]), max8(low8[2], low8[3])));
     for (int k = 0; k < 8; ++k) if (bad8[k]) return 1;
     for (; v < V; ++v) {
         if (approx[v] != approx[v]) return 1;
-        const float lower = approx[v] - (half_step * l1[v] + beta * error[v] + slack);
+        const float lower = approx[v] - bound1(&e, v);
         low = lower > low ? lower : low;
     }
     if (!isfinite(low)) return 1; /* an infinite approximation, or every id banned */
@@ -229,18 +227,18 @@ static int screened_row(float *approx, const float *x, const float *rows, const 
     v = 0;
 #ifdef __AVX__
     for (; v + 8 <= V; v += 8) { /* eight upper bounds at a time, against the largest lower bound */
-        const vi8 reach = load8(approx + v) + (h8 * load8(l1 + v) + b8 * load8(error + v) + s8) >= low8_;
+        const vi8 reach = load8(approx + v) + bound8(&e, v) >= low8_;
         for (int lanes = _mm256_movemask_ps((__m256)reach); lanes; lanes &= lanes - 1) {
             const int w = v + __builtin_ctz(lanes);
-            const float logit = bias[w] + row_dot(x, rows + (int64_t)w * E, E);
+            const float logit = bias[w] + dot_product(x, rows + (int64_t)w * E, E);
             if (logit != logit) return 1;
             if (best < 0 || logit > value) best = w, value = logit;
         }
     }
 #endif
     for (; v < V; ++v) {
-        if (approx[v] + (half_step * l1[v] + beta * error[v] + slack) < low) continue;
-        const float logit = bias[v] + row_dot(x, rows + (int64_t)v * E, E);
+        if (approx[v] + bound1(&e, v) < low) continue;
+        const float logit = bias[v] + dot_product(x, rows + (int64_t)v * E, E);
         if (logit != logit) return 1;
         if (best < 0 || logit > value) best = v, value = logit;
     }

@@ -28,18 +28,6 @@
 
 #define MAX_POSITIONS 4096 /* steps or source positions: the scores of one head stay on the stack */
 
-static inline float dot(const float *a, const float *b, int D) {
-    int d = 0;
-    float sum = 0.0f;
-    if (D >= 8) {
-        vf8 acc = load8(a) * load8(b);
-        for (d = 8; d + 8 <= D; d += 8) acc += load8(a + d) * load8(b + d);
-        sum = sum8(acc);
-    }
-    for (; d < D; ++d) sum += a[d] * b[d];
-    return sum;
-}
-
 /* scores_p = scale · q · k_p (D each) for p < n, k_p at places[p] + at: eight keys at a time, their
    eight sums of products added across lanes together. */
 static void dots(const float *q, const float *const *places, int64_t at, int n, int D, float scale, float *scores) {
@@ -63,7 +51,7 @@ static void dots(const float *q, const float *const *places, int64_t at, int n, 
         }
     }
 #endif
-    for (; p < n; ++p) scores[p] = scale * dot(q, places[p] + at, D);
+    for (; p < n; ++p) scores[p] = scale * dot_product(q, places[p] + at, D);
 }
 
 /* e_p = exp(scores_p - max) in place, for n scores (n8 = n rounded up to 8, the rest -inf); their sum. */

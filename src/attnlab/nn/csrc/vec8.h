@@ -1,5 +1,5 @@
 /* The eight-float vectors and the few operations on them that attnlab's kernels share
-   (short_attention.c, beam_scores.c). */
+   (short_attention.c, beam_scores.c, decode_attention.c). */
 
 #ifndef ATTNLAB_VEC8_H
 #define ATTNLAB_VEC8_H
@@ -32,6 +32,19 @@ static inline float largest8(vf8 x) {
 
 static inline float sum8(vf8 x) {
     return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7]));
+}
+
+/* Σ a_d b_d over d < D: eight products at a time, then the lanes, then the rest one by one. */
+static inline float dot_product(const float *a, const float *b, int D) {
+    int d = 0;
+    float sum = 0.0f;
+    if (D >= 8) {
+        vf8 acc = load8(a) * load8(b);
+        for (d = 8; d + 8 <= D; d += 8) acc += load8(a + d) * load8(b + d);
+        sum = sum8(acc);
+    }
+    for (; d < D; ++d) sum += a[d] * b[d];
+    return sum;
 }
 
 /* exp(x) for x <= 0 (scores minus their row's maximum), to about 2 ulp: x = n ln2 + r with
