@@ -357,6 +357,90 @@ def test_screened_pick_computes_the_tokens_its_bound_leaves_in_contention_and_no
         pick(approx, hidden, rows[:2], bias, l1, error, 0.0, 0.0, torch.tensor([2]))
 
 
+# -- attnlab's int8 products (csrc/int8_output.c) ---------------------------------------------------------
+def _int8_reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ + b as csrc/int8_output.c describes it, written independently: each weight row in 8 bits with
+    its step max|w| / 127; each row of x in 7 bits with its step (max(x, 0) - min(x, 0)) / 127 and its
+    zero point; the integer sums exact (float64), then scaled."""
+    w = weight_t.t()
+    a = w.abs().amax(dim=1) / 127
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    q = torch.round(w / a[:, None]).clamp(-127, 127).double()
+    lo, hi = x.clamp(max=0).amin(dim=1), x.clamp(min=0).amax(dim=1)
+    s = ((hi - lo) / 127).clamp(min=1e-30)
+    inverse = 1 / s
+    z = torch.round(-lo * inverse).clamp(0, 127)
+    p = (torch.round(x * inverse[:, None]) + z[:, None]).clamp(0, 127).double()
+    sums = p @ q.t() - z.double()[:, None] * q.sum(dim=1)[None]
+    return sums * (s.double()[:, None] * a.double()[None]) + bias.double()
+
+
+def _int8_layer(E: int, V: int, seed: int):
+    from attnlab.nn import fast_decode
+
+    gen = torch.Generator().manual_seed(seed)
+    weight_t, bias = torch.randn(E, V, generator=gen) * 0.1, torch.randn(V, generator=gen) * 0.1
+    weight_t[:, V // 2] = 0.0  # an all-zero row of weights
+    return weight_t, bias, fast_decode.int8_weights((weight_t, bias))
+
+
+@pytest.mark.parametrize("N, E, V", [(1, 6, 13), (5, 32, 40), (9, 130, 4003), (4, 128, 4000), (3, 256, 16)])
+def test_int8_kernel_computes_the_int8_products_it_describes(kernel, N, E, V):
+    """Every size: rows in tiles of four and the rest one by one, inputs not a multiple of 4, outputs not
+    a multiple of 16 (the padding never shows), an all-zero weight row, an all-zero and a one-signed row."""
+    weight_t, bias, table = _int8_layer(E, V, N + E + V)
+    x = torch.randn(N, E, generator=torch.Generator().manual_seed(E))
+    if N > 1:
+        x[0], x[1] = 0.0, x[1].abs()
+    run = native.int8_output_kernel()
+    outputs = run.linear(x, table)
+    expected = _int8_reference(x, weight_t, bias)
+    assert outputs.shape == (N, V)
+    assert float((outputs.double() - expected).abs().max()) <= 1e-6 * (1 + float(expected.abs().max()))
+    assert float((outputs - (x @ weight_t + bias)).abs().max()) > 0  # int8, not float32
+    banned = torch.tensor([0, V - 1, -1, V, V + 20])  # ids outside the outputs are passed over
+    chosen, logits = run.pick(x, table, banned, logits=True)
+    assert torch.equal(logits, outputs)
+    if V > 2:  # the choice: the largest open output, the first of equals
+        assert torch.equal(chosen, logits.index_fill(1, torch.tensor([0, V - 1]), float("-inf")).argmax(dim=1))
+
+
+def test_int8_kernel_refuses_what_it_cannot_quantize_and_a_choice_with_every_id_closed(kernel):
+    weight_t, bias, table = _int8_layer(16, 20, 0)
+    run = native.int8_output_kernel()
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    none = torch.tensor([], dtype=torch.int64)
+    assert run.pick(x, table, none) is not None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[5, 3] = bad  # in the rows one by one, after a tile of four
+        assert run.linear(y, table) is None
+        assert run.pick(y, table, none) is None
+    assert run.pick(x, table, torch.arange(20)) is None  # every id banned
+    with pytest.raises(ValueError, match="are not a layer of 33 outputs"):
+        native.Int8OutputKernel.check(table._replace(out_features=33))
+    with pytest.raises(ValueError, match="rows must be CPU float32 \\(N, 16\\)"):
+        run.linear(x.double(), table)
+    with pytest.raises(ValueError, match="rows must be CPU float32"):
+        run.linear(x[:, :15], table)
+
+
+def test_int8_kernel_threads_split_the_rows_without_changing_a_bit(kernel):
+    weight_t, bias, table = _int8_layer(64, 300, 1)
+    x = torch.randn(203, 64, generator=torch.Generator().manual_seed(1))
+    run = native.int8_output_kernel()
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run.pick(x, table, torch.tensor([7]), logits=True))
+    finally:
+        torch.set_num_threads(before)
+    for chosen, logits in results[1:]:
+        assert torch.equal(chosen, results[0][0]) and torch.equal(logits, results[0][1])
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("ATTNLAB_NATIVE", "0")
     native._kernels.cache_clear()

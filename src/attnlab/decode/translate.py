@@ -5,8 +5,10 @@ length-sorted batches, and returns the translations in input order. Decoding run
 step of ``attnlab.nn.fast_decode`` with its KV cache, tested equal to the modules; ``use_cache=False``
 is the modules' reference path, which re-runs the decoder over the whole prefix at every step.
 ``int8=True`` runs the lean step's matrix products and the encoder's feed-forward and Q/K/V ones on
-int8 weights (dynamic quantization, CPU only), those too small for int8 to pay on float32 copies
-(``fast_decode.int8_from_rows``).
+int8 weights, with activations quantized as they run (CPU only): in attnlab's int8 kernel
+(``fast_decode.Int8Linear``), or where its kernels are not built in PyTorch's, with the products too
+small for that to pay on float32 copies (``fast_decode.int8_from_rows``); greedy search then
+chooses from the output layer's int8 logits as the kernel forms them (``fast_decode.int8_pick``).
 
 A source longer than the model's positions is cut, with a warning, in one place:
 ``Translator.encode_source``, which every decoding path (``translate``, ``explain``) goes through.
@@ -19,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import sacrebleu
 import torch
@@ -123,9 +125,10 @@ class Translator:
 
     Translating runs the model in evaluation mode and gives it back in the mode it came in.
     With ``int8=True`` the decoder's matrix products and the encoder's feed-forward and Q/K/V ones run
-    on int8 copies of their weights (products of few rows on float32 copies, where int8 is slower),
-    taken when the translator is made (so later changes to the model's weights are not seen);
-    ``use_cache=False`` stays the float32 modules. int8 runs on the CPU only.
+    on int8 copies of their weights (``fast_decode.Int8Linear``), taken when the translator is made
+    (so later changes to the model's weights are not seen); ``use_cache=False`` stays the float32
+    modules. int8 runs on the CPU only. Its greedy search
+    chooses from the output layer's int8 logits as they are formed (``fast_decode.int8_pick``).
 
     In float32 on the CPU, greedy search chooses each token through an int8 screen of the output
     layer (``fast_decode.screened_pick``): the tokens the float32 logits choose, with most of the
@@ -193,11 +196,10 @@ class Translator:
     def _search(self, sources: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         greedy = config.beam_size == 1  # greedy search compares scores only: logits do, unnormalised;
         # beam search normalizes them itself, with its scoring (in one pass where it can)
-        screen = self._output_screen() if greedy and config.use_cache else None
-        # with a screen the steps stop at the hidden states, and the choice is made through it
+        pick = self._greedy_pick() if greedy and config.use_cache else None
+        # with a pick of its own the steps stop at the hidden states, and the choice is made from them
         step, state = self.start_search(self.run_encoder(sources, config.use_cache), config.use_cache,
-                                        log_probs=False, project=screen is None)
-        pick = None if screen is None else functools.partial(fast_decode.screened_pick, screen)
+                                        log_probs=False, project=pick is None)
         search = dict(
             step=step, state=state, batch_size=len(sources), bos_id=self.tgt_vocab.bos_id,
             eos_id=self.tgt_vocab.eos_id, max_len=self.max_lengths(sources, config), pad_id=self.tgt_vocab.pad_id,
@@ -206,6 +208,16 @@ class Translator:
         if greedy:
             return greedy_search(**search, pick=pick)
         return [h.tokens for h in beam_search(**search, beam_size=config.beam_size, alpha=config.alpha, logits=True)]
+
+    def _greedy_pick(self) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """How greedy search chooses from the decoder's hidden states, where it does not take the logits:
+        in int8, from the output layer's int8 logits (``fast_decode.int8_pick``); in float32 on the
+        CPU, through the output layer's int8 screen (``fast_decode.screened_pick``)."""
+        if self._int8_decoder is not None:  # attnlab's int8 weights, where its kernels are built
+            output = self._int8_decoder.output
+            return None if output.kernel is None else functools.partial(fast_decode.int8_pick, output)
+        screen = self._output_screen()
+        return None if screen is None else functools.partial(fast_decode.screened_pick, screen)
 
     def _output_screen(self) -> fast_decode.OutputScreen | None:
         """The int8 screen of the float32 output layer (``fast_decode.screened_pick``), through which

@@ -41,7 +41,7 @@ from .model import DecoderOnlyTransformer, Encoded, LMState, TokenEmbedding, Tra
 
 __all__ = ["PackedLM", "pack", "step", "PackedDecoder", "LeanDecoderState", "NativeDecoderState", "pack_decoder",
            "start_decoding", "decoder_step", "PackedEncoder", "pack_encoder", "encode", "Int8Linear", "int8_from_rows",
-           "OutputScreen", "output_screen", "screened_pick"]
+           "OutputScreen", "output_screen", "screened_pick", "Int8Weights", "int8_weights", "int8_pick"]
 
 Affine = tuple[Tensor, Tensor]  # a LayerNorm's (γ, β), or a Linear's (Wᵀ (in, out), b): x Wᵀ + b
 
@@ -234,34 +234,88 @@ def step(packed: PackedLM, tokens: Tensor, state: LMState) -> tuple[Tensor, LMSt
 # Shape legend (decoder): N rows, Bs sources, G = N / Bs rows per source, S source length, t cached
 # target positions, H heads, D head dim, E model dim, V target vocab size.
 
-class Int8Linear(NamedTuple):
-    """A Linear's weights for int8 decoding (``pack_decoder(..., int8=True)``): PyTorch's packed int8
-    parameters, and a float32 copy for the products too small for int8 to pay (see ``int8_from_rows``)."""
+class Int8Weights(NamedTuple):
+    """A Linear's weights quantized and packed for attnlab's int8 kernel (``csrc/int8_output.c``,
+    ``native.Int8OutputKernel``): each output row in 8 bits with its own step. V16 and E4 are the
+    outputs and inputs rounded up to multiples of 16 and 4, the padding zero."""
 
-    packed: Any  # torch.ops.quantized.linear_prepack's parameters
-    affine: Affine  # Wᵀ (in, out) and b, float32, copied when packed
-    from_rows: int  # the products of at least this many rows run in int8, smaller ones in float32
+    weights: Tensor  # int8 (V16 / 16, E4 / 4, 16, 4): panels of 16 outputs, 4 inputs of each side by side
+    scale: Tensor  # (V16,) float32: each output row's step, max |w_v| / 127
+    colsum: Tensor  # (V16,) float32: each output row's sum of integers
+    bias: Tensor  # (V16,)
+    closed: Tensor  # (V16,) 0 for the outputs, -inf for the padding: never chosen by ``int8_pick``
+    in_features: int
+    out_features: int
+
+
+class Int8Linear(NamedTuple):
+    """A Linear's weights for int8 decoding (``pack_decoder(..., int8=True)``), copies taken when packed:
+    attnlab's int8 weights, which run every product, where its kernels are built; else PyTorch's packed
+    int8 parameters, with a float32 copy for the products too small for those to pay (``int8_from_rows``)."""
+
+    packed: Any  # torch.ops.quantized.linear_prepack's parameters, or None where ``kernel`` runs the products
+    affine: Affine  # Wᵀ (in, out) and b, float32: the products of fewer than ``from_rows`` rows, and of
+    # rows holding a NaN or an infinity
+    from_rows: int  # the products of at least this many rows run in int8
+    kernel: Int8Weights | None  # attnlab's int8 weights, where its kernels are built
 
 
 Weights = Affine | Int8Linear  # a Linear's weights for ``_apply``
 
 
-# PyTorch's int8 product (``quantized::linear_dynamic``, fbgemm) first finds the activations' range and
-# quantizes them, and converts its int32 sums back to float32: a cost per call and per row that only a
-# large enough product repays. Measured on this project's CPU (AVX2, one thread), int8 time against
+# attnlab's int8 product (``csrc/int8_output.c``) quantizes each row of activations with its own range (7
+# bits, as PyTorch's x86 int8 kernels), multiplies four rows at a time by panels of 16 weight rows kept
+# in the cache, and converts the integer sums back as it goes. Measured on this project's CPU (AVX2, one
+# thread, ``python benchmarks/bench_int8.py``, median of 7 alternating rounds, microseconds a call):
+# float32 ``addmm`` / PyTorch's int8 (``quantized::linear_dynamic``) / attnlab's int8, for
+# (rows, in) x (in, out):
+#     in x out     1 row            4 rows           64 rows            1024 rows
+#     128 x 384    7.2 / 28 / 9.3   19 / 29 / 11     85 / 77 / 51       1104 / 819 / 695
+#     128 x 128    4.6 / 25 / 8.2   7.2 / 26 / 9.2   29 / 44 / 25       386 / 334 / 265
+#     256 x 128    6.2 / 25 / 9.0   11 / 27 / 10     55 / 59 / 38       777 / 559 / 481
+#     1024 x 256   33 / 34 / 15     72 / 42 / 23     418 / 247 / 213    5930 / 3738 / 3360
+# Faster than PyTorch's int8 everywhere (1.1-3x), and than float32 but for a row or two of the smallest
+# weights (a few microseconds of calling it): so where it is built every product of an ``Int8Linear``
+# runs in it, from one row.
+#
+# PyTorch's int8 product, which runs where attnlab's kernels are not built, first finds the activations'
+# range over the whole batch and quantizes them, and converts its int32 sums back to float32: a cost per
+# call and per row that only a large enough product repays. Measured as above, int8 time against
 # float32 ``addmm`` for (rows, in) x (in, out): a weight of 128 x 4000 was 2.2x faster in int8 from 4
 # rows (0.93x at 1 row), 256 x 1024 and 1024 x 256 1.6-1.7x from 4 rows; but 128 x 128 broke even only
 # at 256 rows (0.65x at 64), 128 x 256 and 256 x 128 at 128 rows (0.92x at 64), 128 x 384 at 32-64,
-# 256 x 256 at 16-32. So a product runs in int8 from 4 rows where its weight holds 2^18 numbers or more,
-# and otherwise once rows x in x out reaches 2^22; below that its float32 copy runs.
+# 256 x 256 at 16-32. So there a product runs in int8 from 4 rows where its weight holds 2^18 numbers
+# or more, and otherwise once rows x in x out reaches 2^22; below that its float32 copy runs.
 INT8_LARGE_WEIGHT = 2**18
 INT8_FROM_PRODUCTS = 2**22
 
 
 def int8_from_rows(fan_in: int, fan_out: int) -> int:
-    """The fewest rows whose product runs in int8, for a weight of ``fan_in`` x ``fan_out`` (the rule above)."""
+    """The fewest rows whose product runs in PyTorch's int8, for a weight of ``fan_in`` x ``fan_out``
+    (the rule above)."""
     size = fan_in * fan_out
     return 4 if size >= INT8_LARGE_WEIGHT else -(-INT8_FROM_PRODUCTS // size)
+
+
+def int8_weights(affine: Affine) -> Int8Weights:
+    """A Linear's Wᵀ (in, out) and b quantized and packed for attnlab's int8 kernel (copies)."""
+    weight_t, bias = (t.detach().float() for t in affine)
+    E, V = weight_t.shape
+    V16, E4 = -(-V // 16) * 16, -(-E // 4) * 4
+    step = weight_t.abs().amax(dim=0) / 127  # (V,)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row: any step will do
+    integers = torch.round(weight_t.t() / step[:, None]).clamp_(-127, 127)  # (V, E)
+    padded = integers.new_zeros(V16, E4)
+    padded[:V, :E] = integers
+    weights = padded.view(V16 // 16, 16, E4 // 4, 4).transpose(1, 2).to(torch.int8).contiguous()
+
+    def padded_vector(values: Tensor, fill: float) -> Tensor:
+        return torch.cat([values.float(), values.new_full((V16 - V,), fill, dtype=torch.float32)]).contiguous()
+
+    table = Int8Weights(weights, padded_vector(step, 0.0), padded_vector(integers.sum(dim=1), 0.0),
+                        padded_vector(bias, 0.0), padded_vector(torch.zeros(V), float("-inf")), E, V)
+    native.Int8OutputKernel.check(table)
+    return table
 
 
 class _PackedDecoderLayer(NamedTuple):
@@ -288,7 +342,7 @@ class PackedDecoder(NamedTuple):
     output: Weights  # the output layer's Wᵀ (E, V) and bias (V,)
     num_heads: int
     norm_first: bool
-    int8: bool  # the products of ``Weights`` run in int8 (dynamic quantization)
+    int8: bool  # the products of ``Weights`` run in int8 (``Int8Linear``)
 
 
 _DECODER_LAYER_CHILDREN = {"self_attn", "cross_attn", "feed_forward", "norm1", "norm2", "norm3",
@@ -296,15 +350,17 @@ _DECODER_LAYER_CHILDREN = {"self_attn", "cross_attn", "feed_forward", "norm1", "
 
 
 def _quantized(affine: Affine) -> Int8Linear:
-    """A Linear's weights as PyTorch's int8 packed parameters: each output row its own symmetric scale
-    (the per-channel observer of ``torch.ao.quantization``), the activations quantized per call; with a
-    float32 copy for small products."""
+    """A Linear's weights for int8 products, copied: attnlab's int8 weights where its kernels are built,
+    else PyTorch's packed int8 parameters (each output row its own symmetric scale, the per-channel
+    observer of ``torch.ao.quantization``; the activations quantized per call); with a float32 copy."""
     weight_t, bias = affine
     weight = weight_t.t().detach().float().clone(memory_format=torch.contiguous_format)  # (out, in), a copy
     fan_out, fan_in = weight.shape
     copy = (weight.t(), bias.detach().float().clone())  # later changes to the model are not seen
+    if native.int8_output_kernel() is not None:
+        return Int8Linear(None, copy, 1, int8_weights(copy))
     packed = torch.ops.quantized.linear_prepack(_per_channel_int8(weight), copy[1])
-    return Int8Linear(packed, copy, int8_from_rows(fan_in, fan_out))
+    return Int8Linear(packed, copy, int8_from_rows(fan_in, fan_out), None)
 
 
 def _per_channel_int8(weight: Tensor) -> Tensor:
@@ -351,10 +407,11 @@ def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
     says, an output layer with a bias, and no module it would leave out.
 
     With ``int8`` every product of the step (not the embeddings, norms, attention or the per-sentence
-    cross-attention keys/values) runs on int8 weights with dynamically quantized activations (PyTorch's
-    ``quantized::linear_dynamic``, CPU only) when it is large enough for int8 to pay, and on a float32
-    copy when it is not (``int8_from_rows``); the weights are then copies, taken now. Without it the
-    packed weights are views of the model's parameters.
+    cross-attention keys/values) runs on int8 weights with activations quantized as it runs, CPU only:
+    in attnlab's int8 kernel where its kernels are built, else in PyTorch's
+    (``quantized::linear_dynamic``) when it is large enough for that to pay, and on a float32 copy when
+    it is not (``int8_from_rows``); the weights are then copies, taken now. Without it the packed
+    weights are views of the model's parameters.
     """
     if any(m.training for m in model.modules()):
         raise ValueError("pack_decoder() is for decoding, which has no dropout: call model.eval() first")
@@ -388,6 +445,11 @@ def _apply(x: Tensor, weights: Weights) -> Tensor:
     """x Wᵀ + b for (N, in) -> (N, out), in float32, or in int8 for an ``Int8Linear`` and enough rows."""
     if type(weights) is tuple:
         return torch.addmm(weights[1], x, weights[0])
+    if weights.kernel is not None:
+        y = native.int8_output_kernel().linear(x, weights.kernel)
+        if y is not None:
+            return y
+        return torch.addmm(weights.affine[1], x, weights.affine[0])  # a row holding a NaN or an infinity
     if x.size(0) < weights.from_rows:
         return torch.addmm(weights.affine[1], x, weights.affine[0])
     return torch.ops.quantized.linear_dynamic(x, weights.packed, True)  # reduce_range: x86's int8 kernels need it
@@ -784,16 +846,37 @@ def screened_pick(screen: OutputScreen, hidden: Tensor, banned: Tensor) -> Tenso
     return kernel.pick(torch.addmm(screen.bias, hidden, screen.rows.t()), banned)
 
 
+# -- int8 greedy search's choice ------------------------------------------------------------------------
+#
+# An int8 translator's greedy search needs the output layer's int8 logits only to take each row's best:
+# attnlab's int8 kernel forms them panel by panel and keeps each row's best as it goes, so the (N, V)
+# logits are never written and read again. ``python benchmarks/bench_int8.py``, against PyTorch's int8
+# logits and then the choosing kernel: 26 against 71 us for a row of the tiny model's 128 x 4000 output
+# layer, 450 against 605 for 64 rows; 61 against 127 and 1621 against 1947 for de-en's 256 x 8000.
+
+
+def int8_pick(output: Int8Linear, hidden: Tensor, banned: Tensor) -> Tensor:
+    """Each row's best token that is not ``banned``, (N,) int64, over the int8 logits of the decoder's
+    last hidden states (N, E) through ``output``, an output layer with attnlab's int8 weights: greedy
+    search's choice in an int8 translator. Rows holding a NaN or an infinity take the float32 logits
+    (``native.GreedyPickKernel.pick``)."""
+    result = native.int8_output_kernel().pick(hidden, output.kernel, banned)
+    if result is not None:
+        return result[0]
+    return native.greedy_pick_kernel().pick(torch.addmm(output.affine[1], hidden, output.affine[0]), banned)
+
+
 # -- the encoder, for translation on the CPU -------------------------------------------------------------
 #
 # ``pack_encoder`` gathers the encoder's weights, checked as the decoder's are, and ``encode`` runs the
 # layers' maths on whole (B·S, E) batches, giving the modules' memory to the bit: the translator encodes
 # through it on the CPU. With int8 the encoder's feed-forward and Q/K/V products run on int8 weights too
-# (from ``int8_from_rows`` rows, as the decoder's): de-en int8 greedy 2.06-2.11 s against 2.12-2.23 with
-# the feed-forward products alone (BLEU 26.15 against 26.32, float32 26.29), tiny 0.70-0.74 s against
-# 0.70-0.75 (21.84 against 21.67, float32 21.89). The attention's output projection stays float32:
-# quantized as well (an earlier measurement: de-en greedy 1.92 s against 2.05), on the tests' random
-# model a translation's first tokens left float32's, which tests/test_int8.py does not allow.
+# (as the decoder's, ``Int8Linear``): with PyTorch's int8 product, de-en int8 greedy 2.06-2.11 s against
+# 2.12-2.23 with the feed-forward products alone (BLEU 26.15 against 26.32, float32 26.29), tiny
+# 0.70-0.74 s against 0.70-0.75 (21.84 against 21.67, float32 21.89). The attention's output projection
+# stays float32: quantized as well (an earlier measurement: de-en greedy 1.92 s against 2.05), on the
+# tests' random model a translation's first tokens left float32's, which tests/test_int8.py then
+# required.
 
 
 class PackedEncoder(NamedTuple):

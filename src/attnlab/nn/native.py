@@ -8,7 +8,9 @@
   best 2K extensions per sentence in one pass over the logits, instead of three; greedy search's
   choice, the best token that is not banned, in one pass (``attnlab_greedy_pick``), or from the output
   layer's int8 product, computing in float32 only the few tokens its error bound leaves in contention
-  (``attnlab_screened_pick``, for ``fast_decode.screened_pick``); and the decoder
+  (``attnlab_screened_pick``, for ``fast_decode.screened_pick``); int8 translators' products, and
+  their output layer with greedy search's choice made as its logits are formed
+  (``csrc/int8_output.c``, for ``fast_decode``'s int8 weights and ``int8_pick``); and the decoder
   step's two attentions (``csrc/decode_attention.c``), one query per row, reading each step's keys
   and values where its projection wrote them and following the rows' moves between steps, so that
   the cache is never copied, gathered or grown (``attnlab.nn.fast_decode``).
@@ -44,6 +46,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,8 +54,9 @@ from torch import Tensor
 from attnlab.folders import cache_dir
 
 __all__ = [
-    "ShortAttentionKernel", "BeamScoresKernel", "GreedyPickKernel", "DecoderAttentionKernel",
+    "ShortAttentionKernel", "BeamScoresKernel", "GreedyPickKernel", "DecoderAttentionKernel", "Int8OutputKernel",
     "short_attention_kernel", "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel",
+    "int8_output_kernel",
     "kernel_takes", "short_attention_for",
     "MAX_LEN", "MAX_HEAD_DIM", "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
 ]
@@ -223,6 +227,70 @@ class GreedyPickKernel:
         return out
 
 
+class Int8OutputKernel:
+    """attnlab's int8 products (``csrc/int8_output.c``) on weights quantized and packed by
+    ``fast_decode.int8_weights`` (an ``Int8Weights``, which ``check`` holds to the kernel's layout):
+    ``linear(x, table)`` returns x Wᵀ + b (N, out) for rows x (N, in); ``pick(hidden, table, banned)``
+    returns each row's largest output that is not a ``banned`` id (int64; ids outside the outputs are
+    passed over), (N,) int64, the first of equals (greedy search's choice), and with ``logits=True``
+    the outputs too. Both return None where a row holds a NaN or an infinity (or every output is
+    banned): the caller then computes in float32. They check the rows they are given, not the table."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self._run = library.attnlab_int8_output
+        self._run.argtypes = [pointer, ctypes.c_int64, integer, pointer, pointer, pointer, pointer, pointer, pointer,
+                              integer, integer, pointer, pointer, integer]
+        self._run.restype = integer
+
+    @staticmethod
+    def check(table: Any) -> None:
+        """One line where ``table`` is not laid out as the kernel reads it."""
+        V, E = table.out_features, table.in_features
+        vectors = [("scale", table.scale), ("colsum", table.colsum), ("bias", table.bias), ("closed", table.closed)]
+        _check_cpu(("weights", table.weights, torch.int8), *((name, t, torch.float32) for name, t in vectors))
+        V16, E4 = -(-V // 16) * 16, -(-E // 4) * 4
+        if table.weights.shape != (V16 // 16, E4 // 4, 16, 4) or any(t.shape != (V16,) for _, t in vectors):
+            raise ValueError(f"int8 kernel: weights {tuple(table.weights.shape)} and vectors {tuple(table.scale.shape)} "
+                             f"are not a layer of {V} outputs for rows of {E}")
+        if not all(t.is_contiguous() for t in (table.weights, *(t for _, t in vectors))):
+            raise ValueError("int8 kernel: the packed weights and vectors must be contiguous")
+
+    def linear(self, x: Tensor, table: Any) -> Tensor | None:
+        x = self._rows(x, table)
+        outputs = torch.empty(x.size(0), table.out_features)
+        return None if self._call(x, table, None, outputs, None) else outputs
+
+    def pick(self, hidden: Tensor, table: Any, banned: Tensor,
+             logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
+        hidden = self._rows(hidden, table)
+        _check_cpu(("banned", banned, torch.int64))
+        chosen = torch.empty(hidden.size(0), dtype=torch.int64)
+        outputs = torch.empty(hidden.size(0), table.out_features) if logits else None
+        return None if self._call(hidden, table, banned.contiguous(), outputs, chosen) else (chosen, outputs)
+
+    @staticmethod
+    def _rows(x: Tensor, table: Any) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.size(1) != table.in_features:
+            raise ValueError(f"int8 kernel: rows must be CPU float32 (N, {table.in_features}), got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        return x.contiguous()
+
+    def _call(self, x: Tensor, table: Any, banned: Tensor | None, outputs: Tensor | None,
+              chosen: Tensor | None) -> bool:
+        status = self._run(x.data_ptr(), x.size(0), table.in_features, table.weights.data_ptr(),
+                           table.scale.data_ptr(), table.colsum.data_ptr(), table.bias.data_ptr(),
+                           table.closed.data_ptr(), _pointer(banned), 0 if banned is None else banned.numel(),
+                           table.out_features, _pointer(outputs), _pointer(chosen), torch.get_num_threads())
+        if status == -2:
+            raise MemoryError("attnlab's int8 kernel could not allocate its workspace")
+        if status < 0:  # fast_decode keeps other shapes away: this is a bug of attnlab's
+            raise RuntimeError(f"attnlab's int8 kernel refused N={x.size(0)} E={table.in_features} "
+                               f"V={table.out_features}")
+        return bool(status)
+
+
 class DecoderAttentionKernel:
     """The decoder step's attentions, one query per row (``csrc/decode_attention.c``); the caller
     (``fast_decode``) holds the tensors behind every address it passes alive during the call.
@@ -298,6 +366,7 @@ class _Kernels:
         self.beam_scores = BeamScoresKernel(library, path)
         self.decoder_attention = DecoderAttentionKernel(library, path)
         self.greedy_pick = GreedyPickKernel(library, path)
+        self.int8_output = Int8OutputKernel(library, path)
 
 
 def short_attention_kernel() -> ShortAttentionKernel | None:
@@ -318,6 +387,12 @@ def greedy_pick_kernel() -> GreedyPickKernel | None:
     """Greedy search's choosing kernel; None where ``short_attention_kernel`` is None."""
     kernels = _kernels()
     return None if kernels is None else kernels.greedy_pick
+
+
+def int8_output_kernel() -> Int8OutputKernel | None:
+    """attnlab's int8 products; None where ``short_attention_kernel`` is None."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.int8_output
 
 
 def decoder_attention_kernel() -> DecoderAttentionKernel | None:
