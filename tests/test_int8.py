@@ -115,6 +115,30 @@ def test_attnlabs_int8_product_runs_every_product_close_to_float32_on_a_copy():
         assert torch.equal(fast_decode._apply(x[:3], weights), int8)
 
 
+def test_a_layer_wider_than_attnlabs_int8_kernel_takes_runs_in_pytorchs():
+    linear = torch.nn.Linear(native.MAX_INT8_INPUTS + 4, 8)
+    weights = fast_decode._quantized((linear.weight.t(), linear.bias))
+    assert weights.kernel is None and weights.packed is not None
+    x = torch.randn(5, native.MAX_INT8_INPUTS + 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = linear(x)
+    error = fast_decode._apply(x, weights) - expected
+    assert float(error.pow(2).mean().sqrt()) < 0.04 * float(expected.std())
+
+
+def test_an_int8_translator_whose_kernels_are_switched_off_later_runs_its_float32_copies(monkeypatch):
+    """Weights packed for attnlab's int8 kernel, then the kernels gone (a translator unpickled where
+    they cannot be built): every product runs on the float32 copies, and greedy search takes the logits."""
+    translator = Translator(_transformer(False, True), _Ids(), _Ids())
+    int8 = translator.quantized()
+    if int8._int8_decoder.output.kernel is None:
+        pytest.skip("attnlab's kernels are not built here")
+    monkeypatch.setattr(native, "int8_output_kernel", lambda: None)
+    monkeypatch.setattr(native, "greedy_pick_kernel", lambda: None)
+    config = DecodeConfig(beam_size=1, extra_len=10)
+    assert int8.translate_ids(SOURCES, config) == translator.translate_ids(SOURCES, config)
+
+
 def test_pytorchs_int8_runs_the_products_too_small_to_pay_in_float32_on_a_copy(pytorch_int8):
     """Below its ``from_rows`` a product runs on a float32 copy of the weights, equal to the float32
     product to the bit; from it, in PyTorch's int8. The copy is taken when packing, as the int8 weights are."""

@@ -417,12 +417,37 @@ def test_int8_kernel_refuses_what_it_cannot_quantize_and_a_choice_with_every_id_
         assert run.linear(y, table) is None
         assert run.pick(y, table, none) is None
     assert run.pick(x, table, torch.arange(20)) is None  # every id banned
+    # In the inputs past the last eight too (one by one there), wherever they lie, in any order.
+    for E, bad_values in [(6, ["nan"]), (13, ["nan"]), (13, ["inf", "nan"]), (21, ["-inf"]), (21, ["nan", "inf"])]:
+        _, _, narrow = _int8_layer(E, 20, E)
+        y = torch.randn(5, E, generator=torch.Generator().manual_seed(E))
+        for offset, value in enumerate(bad_values):
+            y[4, E - 3 + offset] = float(value)  # not the last input: a later finite one must not hide it
+        assert run.linear(y, narrow) is None and run.pick(y, narrow, none) is None, (E, bad_values)
+    huge = x.clone()
+    huge[0, :2] = torch.tensor([3e38, -3e38])  # a range beyond float32's
+    assert run.linear(huge, table) is None
     with pytest.raises(ValueError, match="are not a layer of 33 outputs"):
         native.Int8OutputKernel.check(table._replace(out_features=33))
+    with pytest.raises(ValueError, match="1 to 16384 inputs"):
+        native.Int8OutputKernel.check(table._replace(in_features=16385))
     with pytest.raises(ValueError, match="rows must be CPU float32 \\(N, 16\\)"):
         run.linear(x.double(), table)
     with pytest.raises(ValueError, match="rows must be CPU float32"):
         run.linear(x[:, :15], table)
+
+
+def test_int8_kernel_writes_float32_whatever_the_default_dtype(kernel):
+    weight_t, bias, table = _int8_layer(16, 20, 2)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    expected = native.int8_output_kernel().linear(x, table)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        outputs = native.int8_output_kernel().linear(x, table)
+    finally:
+        torch.set_default_dtype(before)
+    assert outputs.dtype == torch.float32 and torch.equal(outputs, expected)
 
 
 def test_int8_kernel_threads_split_the_rows_without_changing_a_bit(kernel):

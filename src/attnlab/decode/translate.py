@@ -31,7 +31,7 @@ from torch import Tensor
 from ..data.batching import pad_sequences
 from ..data.vocab import BaseVocab
 from ..errors import ConfigError
-from ..nn import fast_decode
+from ..nn import fast_decode, native
 from ..nn.model import Encoded, Transformer
 from .load import load_checkpoint
 from .search import StepFn, beam_search, greedy_search
@@ -215,7 +215,9 @@ class Translator:
         CPU, through the output layer's int8 screen (``fast_decode.screened_pick``)."""
         if self._int8_decoder is not None:  # attnlab's int8 weights, where its kernels are built
             output = self._int8_decoder.output
-            return None if output.kernel is None else functools.partial(fast_decode.int8_pick, output)
+            if output.kernel is None or native.int8_output_kernel() is None:
+                return None
+            return functools.partial(fast_decode.int8_pick, output)
         screen = self._output_screen()
         return None if screen is None else functools.partial(fast_decode.screened_pick, screen)
 

@@ -241,7 +241,7 @@ class Int8Weights(NamedTuple):
 
     weights: Tensor  # int8 (V16 / 16, E4 / 4, 16, 4): panels of 16 outputs, 4 inputs of each side by side
     scale: Tensor  # (V16,) float32: each output row's step, max |w_v| / 127
-    colsum: Tensor  # (V16,) float32: each output row's sum of integers
+    colsum: Tensor  # (V16,) int32: each output row's sum of integers
     bias: Tensor  # (V16,)
     closed: Tensor  # (V16,) 0 for the outputs, -inf for the padding: never chosen by ``int8_pick``
     in_features: int
@@ -297,14 +297,20 @@ def int8_from_rows(fan_in: int, fan_out: int) -> int:
     return 4 if size >= INT8_LARGE_WEIGHT else -(-INT8_FROM_PRODUCTS // size)
 
 
+def _symmetric_int8(weight_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Wᵀ (in, out) as attnlab's int8 kernel holds it: each output row's integers in [-127, 127], (out, in)
+    as floats, and its step, (out,): max |w_v| / 127 (1 for a row of zeros)."""
+    step = weight_t.abs().amax(dim=0) / 127  # (V,)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(weight_t.t() / step[:, None]).clamp_(-127, 127), step
+
+
 def int8_weights(affine: Affine) -> Int8Weights:
     """A Linear's Wᵀ (in, out) and b quantized and packed for attnlab's int8 kernel (copies)."""
     weight_t, bias = (t.detach().float() for t in affine)
     E, V = weight_t.shape
     V16, E4 = -(-V // 16) * 16, -(-E // 4) * 4
-    step = weight_t.abs().amax(dim=0) / 127  # (V,)
-    step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row: any step will do
-    integers = torch.round(weight_t.t() / step[:, None]).clamp_(-127, 127)  # (V, E)
+    integers, step = _symmetric_int8(weight_t)  # (V, E), (V,)
     padded = integers.new_zeros(V16, E4)
     padded[:V, :E] = integers
     weights = padded.view(V16 // 16, 16, E4 // 4, 4).transpose(1, 2).to(torch.int8).contiguous()
@@ -312,8 +318,9 @@ def int8_weights(affine: Affine) -> Int8Weights:
     def padded_vector(values: Tensor, fill: float) -> Tensor:
         return torch.cat([values.float(), values.new_full((V16 - V,), fill, dtype=torch.float32)]).contiguous()
 
-    table = Int8Weights(weights, padded_vector(step, 0.0), padded_vector(integers.sum(dim=1), 0.0),
-                        padded_vector(bias, 0.0), padded_vector(torch.zeros(V), float("-inf")), E, V)
+    colsum = F.pad(integers.sum(dim=1), (0, V16 - V)).to(torch.int32)
+    table = Int8Weights(weights, padded_vector(step, 0.0), colsum, padded_vector(bias, 0.0),
+                        padded_vector(torch.zeros(V), float("-inf")), E, V)
     native.Int8OutputKernel.check(table)
     return table
 
@@ -357,7 +364,7 @@ def _quantized(affine: Affine) -> Int8Linear:
     weight = weight_t.t().detach().float().clone(memory_format=torch.contiguous_format)  # (out, in), a copy
     fan_out, fan_in = weight.shape
     copy = (weight.t(), bias.detach().float().clone())  # later changes to the model are not seen
-    if native.int8_output_kernel() is not None:
+    if native.int8_output_kernel() is not None and fan_in <= native.MAX_INT8_INPUTS:
         return Int8Linear(None, copy, 1, int8_weights(copy))
     packed = torch.ops.quantized.linear_prepack(_per_channel_int8(weight), copy[1])
     return Int8Linear(packed, copy, int8_from_rows(fan_in, fan_out), None)
@@ -442,14 +449,15 @@ def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
 
 
 def _apply(x: Tensor, weights: Weights) -> Tensor:
-    """x Wᵀ + b for (N, in) -> (N, out), in float32, or in int8 for an ``Int8Linear`` and enough rows."""
+    """x Wᵀ + b for (N, in) -> (N, out): in float32, or for an ``Int8Linear`` in attnlab's int8 kernel,
+    else in PyTorch's int8 from its ``from_rows``."""
     if type(weights) is tuple:
         return torch.addmm(weights[1], x, weights[0])
     if weights.kernel is not None:
-        y = native.int8_output_kernel().linear(x, weights.kernel)
-        if y is not None:
-            return y
-        return torch.addmm(weights.affine[1], x, weights.affine[0])  # a row holding a NaN or an infinity
+        kernel = native.int8_output_kernel()
+        y = None if kernel is None else kernel.linear(x, weights.kernel)
+        # a row holding a NaN or an infinity, or the kernels switched off since: the whole product in float32
+        return torch.addmm(weights.affine[1], x, weights.affine[0]) if y is None else y
     if x.size(0) < weights.from_rows:
         return torch.addmm(weights.affine[1], x, weights.affine[0])
     return torch.ops.quantized.linear_dynamic(x, weights.packed, True)  # reduce_range: x86's int8 kernels need it
@@ -765,80 +773,76 @@ def _native_step(packed: PackedDecoder, tokens: Tensor, state: NativeDecoderStat
 #
 # Greedy search wants each row's best token, not its V logits, and on the CPU the output layer is the
 # largest product of the step (N x E x V: half the decoder's arithmetic on the tiny model). Its int8 form
-# (PyTorch's dynamic quantization, per-channel weights) is 1.4-1.9x faster at E = 128 and 1.8-2.5x at
-# E = 256, and provably close: with activations quantized to steps of s (their range over 127, at least
-# ``INT8_SMALLEST_STEP``; half a step of error at most) and weight rows Ŵ_v, the int8 logit of token v is within
+# (attnlab's int8 product, ``Int8Weights``) is faster (``benchmarks/bench_int8.py``) and provably close:
+# with each row's activations quantized to steps of s (the row's range, zero included, over 127; half a
+# step of error at most) and weight rows Ŵ_v, the int8 logit of token v is within
 #     e_v = (s / 2) · Σ_e |W_ve| + (Σ_e |x_e| + E s / 2) · max_e |W_ve - Ŵ_ve| + (float32 rounding)
 # of its float32 logit. So the best token's int8 logit plus its e_v reaches every token's int8 logit
 # minus its own, and only the tokens that reach the largest of those lower bounds can be the best: on
-# the trained models 2.5 a row on average (median 1, at most 56 of 8000). They are computed in float32
+# the trained models a few a row (at most a few dozen of 8000). They are computed in float32
 # and the best taken (``native.GreedyPickKernel.screened``): the same token as the float32 logits give,
 # to float32 rounding (the few logits are summed in another order than the product's). The tests
-# check the bound against PyTorch's int8 product and the choices against the float32 ones.
+# check the bound against the int8 product and the choices against the float32 ones.
 # ``attnlab.decode.translate`` screens greedy search's float32 steps on the CPU this way.
-
-# The int8 product's quantization engines whose arithmetic the bound above describes (tests/test_fast_decode.py
-# checks it): x86's, which runs fbgemm's on AVX2 machines, and fbgemm's.
-SCREEN_ENGINES = ("x86", "fbgemm")
-# PyTorch's smallest activation step (SMALL_SCALE_THRESHOLD in ATen's quantized QuantUtils.h): a range
-# narrower than 127 of these is quantized in steps of this size, not range / 127.
-INT8_SMALLEST_STEP = 6.1e-5
 
 
 class OutputScreen(NamedTuple):
     """A float32 output layer prepared for ``screened_pick`` (copies of its weights, taken when made)."""
 
-    packed: Any  # the int8 product's packed parameters, per-channel weights
+    int8: Int8Weights  # the layer for attnlab's int8 product
     rows: Tensor  # W (V, E), float32, contiguous: the logits of the tokens in contention come from these
     bias: Tensor  # (V,)
     l1: Tensor  # (V,) Σ_e |W_ve|
     error: Tensor  # (V,) max_e |W_ve - Ŵ_ve|, with room for the products' float32 rounding
     slack: float  # room for the rounding of the biases
-    from_rows: int  # the int8 product pays from this many rows (``int8_from_rows``); fewer: float32 logits
 
 
 def output_screen(packed: PackedDecoder) -> OutputScreen | None:
     """The screen of a float32 decoder's output layer; None where it does not apply: an int8 decoder
-    (its logits are int8 already), weights not float32 on the CPU, a quantization engine other than
-    ``SCREEN_ENGINES``, or attnlab's kernels not built."""
+    (its logits are int8 already), weights not float32 on the CPU, or attnlab's kernels not built."""
     if packed.int8 or type(packed.output) is not tuple:
         return None
     weight_t, bias = packed.output
     if (weight_t.device.type != "cpu" or weight_t.dtype != torch.float32 or bias.dtype != torch.float32
-            or torch.backends.quantized.engine not in SCREEN_ENGINES or native.greedy_pick_kernel() is None):
+            or native.int8_output_kernel() is None):
         return None
     rows = weight_t.t().detach().clone(memory_format=torch.contiguous_format)  # (V, E)
     bias = bias.detach().clone()
     V, E = rows.shape
-    try:
-        quantized = _per_channel_int8(rows)
-        packed_int8 = torch.ops.quantized.linear_prepack(quantized, bias)
-    except RuntimeError:  # a PyTorch built without these int8 kernels: greedy search takes the float32 logits
-        return None
+    integers, step = _symmetric_int8(rows.t())
     largest = rows.abs().amax(dim=1)
     # Each logit's float32 rounding, in the int8 product's conversion and in the few float32 sums, is
     # within (E + 8) ulp-sized steps of Σ_e |x_e W_ve| <= Σ_e |x_e| · max_e |W_ve|: four times that here.
     rounding = 4 * (E + 8) * 2.0**-24
-    error = (rows - quantized.dequantize()).abs().amax(dim=1) + rounding * largest
+    error = (rows - integers * step[:, None]).abs().amax(dim=1) + rounding * largest
     slack = 1e-5 * (float(bias.abs().max()) + 1.0) if V else 0.0
-    return OutputScreen(packed_int8, rows, bias, rows.abs().sum(dim=1), error, slack, int8_from_rows(E, V))
+    return OutputScreen(int8_weights((rows.t(), bias)), rows, bias, rows.abs().sum(dim=1), error, slack)
+
+
+def _argmax_allowed(logits: Tensor, banned: Tensor) -> Tensor:
+    """Each row's best id that is not ``banned`` (ids outside the logits passed over), with PyTorch's
+    operations: where attnlab's kernels were switched off after the weights were packed."""
+    banned = banned[(banned >= 0) & (banned < logits.size(1))]
+    return logits.index_fill(1, banned, float("-inf")).argmax(dim=1)
 
 
 def screened_pick(screen: OutputScreen, hidden: Tensor, banned: Tensor) -> Tensor:
     """Each row's best token that is not ``banned``, (N,) int64: the choice of greedy search
     (``native.GreedyPickKernel.pick``) over the float32 logits ``hidden Wᵀ + b`` of the decoder's last
-    hidden states (N, E), found through the int8 screen above. Rows too few for int8 to pay, or holding
-    a NaN or an infinity, take the float32 logits."""
-    kernel = native.greedy_pick_kernel()
+    hidden states (N, E), found through the int8 screen above. Where a row holds a NaN or an infinity,
+    every row takes the float32 logits."""
+    kernel, int8 = native.greedy_pick_kernel(), native.int8_output_kernel()
     if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
         raise ValueError(f"screened_pick takes float32 hidden states on the CPU, got {hidden.dtype} on {hidden.device}")
-    if hidden.size(0) >= screen.from_rows:
-        approx = torch.ops.quantized.linear_dynamic(hidden, screen.packed, True)  # reduce_range, as _apply's
-        low, high = torch.aminmax(hidden)
-        # half the activations' quantization step: their range, zero included, over 127 (x86's int8
-        # kernels take 7 bits), PyTorch's smallest step at least, with room for the rounding of x / s
-        step = max((max(float(high), 0.0) - min(float(low), 0.0)) / 127, INT8_SMALLEST_STEP)
-        half_step = 0.5 * step * (1 + 1e-3)
+    if kernel is None or int8 is None:  # switched off since the screen was made
+        return _argmax_allowed(torch.addmm(screen.bias, hidden, screen.rows.t()), banned)
+    approx = int8.linear(hidden, screen.int8)
+    if approx is not None:
+        low, high = torch.aminmax(hidden, dim=1)
+        # half of each row's quantization step (csrc/int8_output.c): its range, zero included, over 127,
+        # with room for the rounding of x / s
+        step = (high.clamp(min=0) - low.clamp(max=0)) / 127
+        half_step = step.clamp_(min=1e-30).mul_(0.5 * (1 + 1e-3))
         chosen = kernel.screened(approx, hidden, screen.rows, screen.bias, screen.l1, screen.error, half_step,
                                  screen.slack, banned)
         if chosen is not None:
@@ -858,12 +862,15 @@ def screened_pick(screen: OutputScreen, hidden: Tensor, banned: Tensor) -> Tenso
 def int8_pick(output: Int8Linear, hidden: Tensor, banned: Tensor) -> Tensor:
     """Each row's best token that is not ``banned``, (N,) int64, over the int8 logits of the decoder's
     last hidden states (N, E) through ``output``, an output layer with attnlab's int8 weights: greedy
-    search's choice in an int8 translator. Rows holding a NaN or an infinity take the float32 logits
-    (``native.GreedyPickKernel.pick``)."""
-    result = native.int8_output_kernel().pick(hidden, output.kernel, banned)
+    search's choice in an int8 translator. Where a row holds a NaN or an infinity (or the kernels are
+    switched off since the weights were packed) every row takes the float32 logits."""
+    kernel = native.int8_output_kernel()
+    result = None if kernel is None else kernel.pick(hidden, output.kernel, banned)
     if result is not None:
         return result[0]
-    return native.greedy_pick_kernel().pick(torch.addmm(output.affine[1], hidden, output.affine[0]), banned)
+    logits = torch.addmm(output.affine[1], hidden, output.affine[0])
+    picker = native.greedy_pick_kernel()
+    return _argmax_allowed(logits, banned) if picker is None else picker.pick(logits, banned)
 
 
 # -- the encoder, for translation on the CPU -------------------------------------------------------------

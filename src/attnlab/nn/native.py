@@ -58,7 +58,7 @@ __all__ = [
     "short_attention_kernel", "beam_scores_kernel", "greedy_pick_kernel", "decoder_attention_kernel",
     "int8_output_kernel",
     "kernel_takes", "short_attention_for",
-    "MAX_LEN", "MAX_HEAD_DIM", "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS",
+    "MAX_LEN", "MAX_HEAD_DIM", "MAX_BEAM_CANDIDATES", "MAX_DECODE_POSITIONS", "MAX_INT8_INPUTS",
 ]
 
 SOURCES = Path(__file__).with_name("csrc")  # the C files, built together into one library
@@ -66,6 +66,7 @@ MAX_LEN = 64  # the attention kernel's limits (MAX_T, MAX_D and D % 8 in short_a
 MAX_HEAD_DIM = 256
 MAX_BEAM_CANDIDATES = 64  # MAX_N in beam_scores.c
 MAX_DECODE_POSITIONS = 4096  # MAX_POSITIONS in decode_attention.c: target steps, source positions
+MAX_INT8_INPUTS = 16384  # MAX_E in int8_output.c: its integer sums stay within 32 bits
 _BUILD_TIMEOUT_S = 120
 # Tried in order: with OpenMP, then without (one thread). Both for this CPU's own instructions:
 # built for a generic x86-64 the kernel was 4x slower, slower than PyTorch's operations. GCC turns
@@ -179,8 +180,8 @@ class GreedyPickKernel:
     ``screened(approx, hidden, rows, bias, l1, error, half_step, slack, banned)``: the same choice over
     the float32 logits ``bias + hidden @ rows.T`` (N, V), from ``approx``, the int8 approximation of
     those logits, within the error bound described in ``csrc/beam_scores.c``
-    (``attnlab_screened_pick``); only the tokens that bound leaves in contention are computed in
-    float32. ``approx`` is overwritten. None where a row holds a NaN or an infinity: the caller then
+    (``attnlab_screened_pick``), ``half_step`` one for all rows or one per row; only the tokens that
+    bound leaves in contention are computed in float32. ``approx`` is overwritten. None where a row holds a NaN or an infinity: the caller then
     computes the logits in float32 and picks from them."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
@@ -190,26 +191,32 @@ class GreedyPickKernel:
         self._pick.argtypes = [pointer, ctypes.c_int64, integer, pointer, integer, pointer, integer]
         self._pick.restype = integer
         self._screened = library.attnlab_screened_pick
-        self._screened.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, real, real, ctypes.c_int64,
+        self._screened.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer, real, ctypes.c_int64,
                                    integer, integer, pointer, integer, pointer, integer]
         self._screened.restype = integer
 
     def screened(self, approx: Tensor, hidden: Tensor, rows: Tensor, bias: Tensor, l1: Tensor, error: Tensor,
-                 half_step: float, slack: float, banned: Tensor) -> Tensor | None:
-        _check_cpu(*((name, tensor, torch.float32) for name, tensor in (
-            ("approx", approx), ("hidden", hidden), ("rows", rows), ("bias", bias), ("l1", l1), ("error", error))),
-            ("banned", banned, torch.int64))
+                 half_step: float | Tensor, slack: float, banned: Tensor) -> Tensor | None:
         N, E = hidden.shape
         V = rows.size(0)
+        if not isinstance(half_step, Tensor):
+            half_step = torch.full((N,), half_step)
+        _check_cpu(*((name, tensor, torch.float32) for name, tensor in (
+            ("approx", approx), ("hidden", hidden), ("rows", rows), ("bias", bias), ("l1", l1), ("error", error),
+            ("half_step", half_step))), ("banned", banned, torch.int64))
+        if half_step.shape != (N,):
+            raise ValueError(f"screened: half_step must be a number or one per row, (N,) = ({N},), "
+                             f"got {tuple(half_step.shape)}")
         if approx.shape != (N, V) or rows.shape != (V, E) or any(t.shape != (V,) for t in (bias, l1, error)):
             raise ValueError(f"screened: approx {tuple(approx.shape)}, hidden {tuple(hidden.shape)} and rows "
                              f"{tuple(rows.shape)} do not make (N, V), (N, E) and (V, E)")
         if not (approx.is_contiguous() and rows.is_contiguous()):
             raise ValueError("screened: approx and rows must be contiguous")
-        hidden, bias, l1, error, banned = (t.contiguous() for t in (hidden, bias, l1, error, banned))
+        hidden, bias, l1, error, half_step, banned = (t.contiguous() for t in (hidden, bias, l1, error, half_step,
+                                                                                  banned))
         out = torch.empty(N, dtype=torch.int64)
         status = self._screened(approx.data_ptr(), hidden.data_ptr(), rows.data_ptr(), bias.data_ptr(), l1.data_ptr(),
-                                error.data_ptr(), half_step, slack, N, V, E, banned.data_ptr(), banned.numel(),
+                                error.data_ptr(), half_step.data_ptr(), slack, N, V, E, banned.data_ptr(), banned.numel(),
                                 out.data_ptr(), torch.get_num_threads())
         if status < 0:
             raise RuntimeError(f"attnlab's screened-pick kernel refused N={N} V={V} E={E}")
@@ -233,8 +240,9 @@ class Int8OutputKernel:
     ``linear(x, table)`` returns x Wᵀ + b (N, out) for rows x (N, in); ``pick(hidden, table, banned)``
     returns each row's largest output that is not a ``banned`` id (int64; ids outside the outputs are
     passed over), (N,) int64, the first of equals (greedy search's choice), and with ``logits=True``
-    the outputs too. Both return None where a row holds a NaN or an infinity (or every output is
-    banned): the caller then computes in float32. They check the rows they are given, not the table."""
+    the outputs too. Both return None where a row holds a NaN or an infinity or a range beyond
+    float32's (or every output is banned): the caller then computes the whole call in float32. They
+    check the rows they are given, not the table."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -248,8 +256,12 @@ class Int8OutputKernel:
     def check(table: Any) -> None:
         """One line where ``table`` is not laid out as the kernel reads it."""
         V, E = table.out_features, table.in_features
+        if not 1 <= E <= MAX_INT8_INPUTS or V < 1:
+            raise ValueError(f"int8 kernel: layers of 1 to {MAX_INT8_INPUTS} inputs and 1 output or more, got "
+                             f"{E} x {V}")
         vectors = [("scale", table.scale), ("colsum", table.colsum), ("bias", table.bias), ("closed", table.closed)]
-        _check_cpu(("weights", table.weights, torch.int8), *((name, t, torch.float32) for name, t in vectors))
+        _check_cpu(("weights", table.weights, torch.int8), ("colsum", table.colsum, torch.int32),
+                   *((name, t, torch.float32) for name, t in vectors if name != "colsum"))
         V16, E4 = -(-V // 16) * 16, -(-E // 4) * 4
         if table.weights.shape != (V16 // 16, E4 // 4, 16, 4) or any(t.shape != (V16,) for _, t in vectors):
             raise ValueError(f"int8 kernel: weights {tuple(table.weights.shape)} and vectors {tuple(table.scale.shape)} "
@@ -259,7 +271,7 @@ class Int8OutputKernel:
 
     def linear(self, x: Tensor, table: Any) -> Tensor | None:
         x = self._rows(x, table)
-        outputs = torch.empty(x.size(0), table.out_features)
+        outputs = torch.empty(x.size(0), table.out_features, dtype=torch.float32)
         return None if self._call(x, table, None, outputs, None) else outputs
 
     def pick(self, hidden: Tensor, table: Any, banned: Tensor,
@@ -267,7 +279,7 @@ class Int8OutputKernel:
         hidden = self._rows(hidden, table)
         _check_cpu(("banned", banned, torch.int64))
         chosen = torch.empty(hidden.size(0), dtype=torch.int64)
-        outputs = torch.empty(hidden.size(0), table.out_features) if logits else None
+        outputs = torch.empty(hidden.size(0), table.out_features, dtype=torch.float32) if logits else None
         return None if self._call(hidden, table, banned.contiguous(), outputs, chosen) else (chosen, outputs)
 
     @staticmethod
@@ -285,7 +297,7 @@ class Int8OutputKernel:
                            table.out_features, _pointer(outputs), _pointer(chosen), torch.get_num_threads())
         if status == -2:
             raise MemoryError("attnlab's int8 kernel could not allocate its workspace")
-        if status < 0:  # fast_decode keeps other shapes away: this is a bug of attnlab's
+        if status < 0:  # check and _rows keep other shapes away: this is a bug of attnlab's
             raise RuntimeError(f"attnlab's int8 kernel refused N={x.size(0)} E={table.in_features} "
                                f"V={table.out_features}")
         return bool(status)
@@ -318,7 +330,7 @@ class DecoderAttentionKernel:
     def self_attention(self, steps: tuple[int, ...], parents: tuple[int, ...], N: int, H: int, D: int,
                        scale: float) -> Tensor:
         t1 = len(steps)
-        out = torch.empty(N, H * D)
+        out = torch.empty(N, H * D, dtype=torch.float32)
         status = self._self((ctypes.c_void_p * t1)(*steps), (ctypes.c_void_p * t1)(*parents), t1, N, H, D, scale,
                             out.data_ptr(), torch.get_num_threads())
         if status != 0:  # fast_decode keeps other shapes away: this is a bug of attnlab's

@@ -165,9 +165,10 @@ int attnlab_greedy_pick(const float *scores, int64_t rows, int V, const int64_t 
 /* Greedy search's choice from an int8 screen (attnlab.nn.fast_decode.screened_pick): the same token
    as attnlab_greedy_pick over the float32 logits b_v + x · w_v, having computed only a few of them.
 
-   approx (N, V) holds the output layer computed in int8 (PyTorch's dynamic quantization), which is
-   within e_v = half_step · l1_v + β · error_v + slack of the float32 logit of every token v, where
-   half_step is half the activations' quantization step (with room for rounding), β = Σ_e |x_e| +
+   approx (N, V) holds the output layer computed in int8 (attnlab's int8 product, int8_output.c), which
+   is within e_v = half_step · l1_v + β · error_v + slack of the float32 logit of every token v, where
+   half_step is half the row's activation quantization step (half_steps, (N,), with room for rounding),
+   β = Σ_e |x_e| +
    E · half_step bounds the quantized row's sum of magnitudes, l1_v = Σ_e |w_ve|, error_v bounds each
    weight's quantization error (and the float32 rounding of the products), and slack the rounding of
    the biases.  So the best token's upper bound approx_v + e_v is at least every token's lower bound
@@ -247,14 +248,14 @@ static int screened_row(float *approx, const float *x, const float *rows, const 
 }
 
 int attnlab_screened_pick(float *approx, const float *hidden, const float *rows, const float *bias, const float *l1,
-                          const float *error, float half_step, float slack, int64_t N, int V, int E,
+                          const float *error, const float *half_steps, float slack, int64_t N, int V, int E,
                           const int64_t *banned, int nbanned, int64_t *out, int threads) {
     if (N < 0 || V < 1 || E < 1) return -1;
     if (threads < 1) threads = 1;
     int refused = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : refused) if (N * V > 65536)
     for (int64_t r = 0; r < N; ++r)
-        refused |= screened_row(approx + r * V, hidden + r * E, rows, bias, l1, error, half_step, slack, V, E,
+        refused |= screened_row(approx + r * V, hidden + r * E, rows, bias, l1, error, half_steps[r], slack, V, E,
                                 banned, nbanned, out + r);
     return refused ? 1 : 0;
 }
