@@ -11,14 +11,16 @@
    and zero point z = round(-min(x, 0) / s) to integers p_e = round(x_e / s) + z in [0, 127] (7 bits, so
    that the sum of two products p·q, at most 2 · 127 · 127, fits the 16 bits of AVX2's maddubs).
 
-   Outputs: b_v + s · a_v · (Σ_e p_e q_ve - z · colsum_v), the integer sums exact in 32 bits, written to
-   logits (N, V) where given.  With out given, each row's choice too: its largest output that neither
-   closed (0, or -inf: the padding) nor the list of banned ids closes, the first of equals, found as the outputs of a block are formed, so that they
-   need not be written.  Four rows at a time pass over a panel of weights, and the weights are read
-   in chunks of CHUNK_BYTES, which stay in the L1 cache while every row passes over them.
+   Outputs: b_v + s · a_v · (Σ_e p_e q_ve - z · colsum_v), the integer sums exact in 32 bits, written
+   to logits (N, V) where given.  With out given, each row's choice too: its largest output that
+   neither closed (0, or -inf: the padding) nor the list of banned ids closes, the first of equals,
+   found as the outputs of a block are formed, so that they need not be written.  Four rows at a time
+   pass over a panel of weights, and the weights are read in chunks of CHUNK_BYTES, which stay in the
+   L1 cache while every row passes over them.
 
    Returns 0; 1 where a row holds a NaN or an infinity, or a range beyond float32's, or where the ban
-   closes every id (the caller then takes the float32 logits for the whole call); -1 for shapes out of range, -2 where the workspace could not be allocated. */
+   closes every id (the caller then computes the whole call in float32); -1 for shapes out of range,
+   -2 where the workspace could not be allocated. */
 
 /* GCC's tuning for AMD's Zen 3 (what -march=native picks on this project's machines) loads all four
    rows' inputs ahead of their products in panel4 and so runs out of registers: one accumulator then
@@ -135,7 +137,7 @@ static inline void finish(const Table *t, Row *row, vi8 sums, int b, float *logi
 }
 
 #ifdef __AVX2__
-#define HOT_LOOP __attribute__((noinline))
+#define HOT_LOOP __attribute__((noinline)) /* the products' loops in functions of their own: all registers theirs */
 #define ADD_PRODUCTS(acc, x, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones))
 
 static inline __m256i broadcast4(const uint8_t *p) {
@@ -269,8 +271,8 @@ static int row_range(const Table *t, const float *x, int E, int64_t first, int64
 }
 
 /* Thread k's share of the N rows (of ``tiles`` tiles) among ``count``, with its own workspace. */
-static inline __attribute__((always_inline)) int share(const Table *t, const float *x, int E, int64_t N, int64_t tiles, int k,
-                                                    int count, float *logits, int64_t *out) {
+static inline int share(const Table *t, const float *x, int E, int64_t N, int64_t tiles, int k, int count,
+                        float *logits, int64_t *out) {
     const int64_t first = ROWS * (tiles * k / count), last_tile = tiles * (k + 1) / count;
     const int64_t last = ROWS * last_tile < N ? ROWS * last_tile : N;
     if (last <= first) return 0;
@@ -298,9 +300,7 @@ int attnlab_int8_output(const float *x, int64_t N, int E, const int8_t *weights,
     }
     const Table t = {weights, colsum, scale, bias, ban, V, (E + 3) / 4 * 4};
     int status = 0;
-    /* the threads share the rows, in tiles; each quantizes its own.  One thread calls the work
-       directly: inside an OpenMP region GCC compiled the products 30% slower (a 64 x 256 x 8000
-       product took 1.97 ms against 1.50). */
+    /* the threads share the rows, in tiles; each quantizes its own (one thread: no OpenMP team) */
     const int64_t tiles = (N + ROWS - 1) / ROWS;
     if (threads > tiles) threads = tiles > 0 ? (int)tiles : 1;
     if (threads == 1) {
