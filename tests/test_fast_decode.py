@@ -533,6 +533,19 @@ def test_screened_pick_chooses_as_the_float32_logits_do(E, V, monkeypatch):
         fast_decode.screened_pick(screen, hidden.double(), banned)
 
 
+@needs_kernels
+def test_a_screen_made_before_the_kernels_were_switched_off_takes_the_float32_logits(monkeypatch):
+    weight_t, bias = _output_layer(32, 40, seed=3)
+    screen = fast_decode.output_screen(fast_decode.PackedDecoder(None, 1.0, None, (), None, (weight_t, bias), 1,
+                                                                 False, False))
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    banned = torch.tensor([0, 1, 2, 99])
+    expected = torch.addmm(bias, hidden, weight_t).index_fill(1, torch.tensor([0, 1, 2]), float("-inf")).argmax(1)
+    monkeypatch.setattr(native, "int8_output_kernel", lambda: None)
+    monkeypatch.setattr(native, "greedy_pick_kernel", lambda: None)
+    assert torch.equal(fast_decode.screened_pick(screen, hidden, banned), expected)
+
+
 @pytest.fixture
 def screen_every_step():
     """The screen runs at every step of a float32 greedy search where attnlab's kernels are built."""

@@ -127,8 +127,8 @@ class Translator:
     With ``int8=True`` the decoder's matrix products and the encoder's feed-forward and Q/K/V ones run
     on int8 copies of their weights (``fast_decode.Int8Linear``), taken when the translator is made
     (so later changes to the model's weights are not seen); ``use_cache=False`` stays the float32
-    modules. int8 runs on the CPU only. Its greedy search
-    chooses from the output layer's int8 logits as they are formed (``fast_decode.int8_pick``).
+    modules. int8 runs on the CPU only. Its greedy search chooses from the output layer's int8 logits
+    as they are formed (``fast_decode.int8_pick``).
 
     In float32 on the CPU, greedy search chooses each token through an int8 screen of the output
     layer (``fast_decode.screened_pick``): the tokens the float32 logits choose, with most of the

@@ -181,8 +181,8 @@ class GreedyPickKernel:
     the float32 logits ``bias + hidden @ rows.T`` (N, V), from ``approx``, the int8 approximation of
     those logits, within the error bound described in ``csrc/beam_scores.c``
     (``attnlab_screened_pick``), ``half_step`` one for all rows or one per row; only the tokens that
-    bound leaves in contention are computed in float32. ``approx`` is overwritten. None where a row holds a NaN or an infinity: the caller then
-    computes the logits in float32 and picks from them."""
+    bound leaves in contention are computed in float32. ``approx`` is overwritten. None where a row
+    holds a NaN or an infinity: the caller then computes the logits in float32 and picks from them."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
