@@ -295,7 +295,8 @@ def test_bad_training_settings_give_one_line(tmp_path, capsys, argv, message):
     (["translate", "--alpha", "nan", "Ein Mann."], "alpha (the length penalty) must be a finite number"),
     (["translate", "--alpha", "inf", "Ein Mann."], "alpha (the length penalty) must be a finite number"),
     (["translate", "--beam", "0", "Ein Mann."], "beam_size must be >= 1"),
-    (["translate", "--threads", "-1", "Ein Mann."], "--threads must be >= 0"),
+    (["translate", "--threads", "-1", "Ein Mann."], "--threads must be from 0"),
+    (["translate", "--threads", "100000", "Ein Mann."], "--threads must be from 0"),  # PyTorch crashed on it
     (["translate", "--device", "bogus", "Ein Mann."], "--device 'bogus'"),
     (["evaluate", "--limit", "-3"], "limit must be >= 0"),
 ])

@@ -194,6 +194,45 @@ def test_int8_pick_passes_over_banned_ids_and_takes_float32_for_a_row_it_cannot_
     assert fast_decode.int8_pick(output, hidden, banned).tolist() == exact.argmax(dim=1).tolist()
 
 
+def test_an_int8_translator_is_a_snapshot_of_the_model_as_it_was_made():
+    """Every weight of an int8 translator is its own copy, quantized or not: a later change to the
+    model (training on) changes nothing it translates, and it deep-copies (no views of parameters)."""
+    import copy
+
+    translator = Translator(_transformer(True, False), _Ids(), _Ids())
+    int8 = translator.quantized()
+    config = DecodeConfig(beam_size=1, extra_len=10)
+    before = int8.translate_ids(SOURCES, config)
+    twin = copy.deepcopy(int8)
+    with torch.no_grad():
+        for parameter in translator.model.parameters():
+            parameter.mul_(0.5).add_(0.01)
+    assert int8.translate_ids(SOURCES, config) == before == twin.translate_ids(SOURCES, config)
+    assert translator.quantized().translate_ids(SOURCES, config) != before  # the change is a real one
+
+
+def test_int8_refuses_a_model_that_is_not_float32_in_one_line():
+    with pytest.raises(ConfigError, match="int8 decoding quantizes a float32 model, but this one is torch.float64"):
+        Translator(_transformer(False, False).double(), _Ids(), _Ids(), int8=True)
+
+
+def test_int8_weights_refuse_a_layer_holding_a_nan_or_an_infinity():
+    weight_t, bias = torch.randn(8, 5), torch.zeros(5)
+    weight_t[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or an infinity"):
+        fast_decode.int8_weights((weight_t, bias))
+
+
+def test_attnlabs_int8_kernel_takes_an_empty_batch():
+    if native.int8_output_kernel() is None:
+        pytest.skip("attnlab's kernels are not built here")
+    table = fast_decode.int8_weights((torch.randn(8, 5), torch.zeros(5)))
+    kernel = native.int8_output_kernel()
+    assert kernel.linear(torch.empty(0, 8), table).shape == (0, 5)
+    chosen, logits = kernel.pick(torch.empty(0, 8), table, torch.tensor([1]), logits=True)
+    assert chosen.shape == (0,) and logits.shape == (0, 5)
+
+
 def test_int8_is_refused_off_the_cpu_in_one_line():
     with pytest.raises(ConfigError, match="CPU only .* device='cpu'") as error:
         load_translator("no-such-run", device="cuda", int8=True)  # refused before anything is read

@@ -143,9 +143,10 @@ def _set_threads(args: argparse.Namespace) -> None:
 
     from ..errors import ConfigError
 
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    if not 0 <= args.threads <= 64 * cores:  # PyTorch's thread pools crash on tens of thousands
+        raise ConfigError(f"--threads must be from 0 (all {cores} cores) to {64 * cores}, got {args.threads}")
+    torch.set_num_threads(args.threads or cores)
     device = getattr(args, "device", "cpu")
     try:
         parsed = torch.device(device)

@@ -146,6 +146,9 @@ class Translator:
         if int8 and self.device.type != "cpu":
             raise ConfigError(f"int8 decoding runs on the CPU only (PyTorch's int8 kernels), but the model is on "
                               f"{self.device}: load it with device='cpu', or leave int8 off")
+        if int8 and next(model.parameters()).dtype != torch.float32:
+            raise ConfigError(f"int8 decoding quantizes a float32 model, but this one is "
+                              f"{next(model.parameters()).dtype}: call model.float() first, or leave int8 off")
         if int8:  # quantize now, once: a server's first request is then no slower than the rest
             was_training = model.training
             model.eval()

@@ -308,6 +308,8 @@ def _symmetric_int8(weight_t: Tensor) -> tuple[Tensor, Tensor]:
 def int8_weights(affine: Affine) -> Int8Weights:
     """A Linear's Wᵀ (in, out) and b quantized and packed for attnlab's int8 kernel (copies)."""
     weight_t, bias = (t.detach().float() for t in affine)
+    if not (bool(torch.isfinite(weight_t).all()) and bool(torch.isfinite(bias).all())):
+        raise ValueError("int8 weights: the layer holds a NaN or an infinity")
     E, V = weight_t.shape
     V16, E4 = -(-V // 16) * 16, -(-E // 4) * 4
     integers, step = _symmetric_int8(weight_t)  # (V, E), (V,)
@@ -368,6 +370,17 @@ def _quantized(affine: Affine) -> Int8Linear:
         return Int8Linear(None, copy, 1, int8_weights(copy))
     packed = torch.ops.quantized.linear_prepack(_per_channel_int8(weight), copy[1])
     return Int8Linear(packed, copy, int8_from_rows(fan_in, fan_out), None)
+
+
+def _copied(value: Any) -> Any:
+    """A packed model's weights as tensors of their own (detached copies): an int8 pack is a snapshot
+    of the model as it was packed, not partly a view of it. ``Int8Linear`` holds copies already."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, Int8Linear) or not isinstance(value, tuple):
+        return value
+    items = [_copied(item) for item in value]
+    return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
 
 
 def _per_channel_int8(weight: Tensor) -> Tensor:
@@ -441,11 +454,12 @@ def pack_decoder(model: Transformer, int8: bool = False) -> PackedDecoder:
     _require(tied == c.share_embeddings, f"output weights {'tied to' if c.share_embeddings else 'separate from'} "
              "the target embeddings, as the config says")
     output = _linear_weights(model.output)
-    return PackedDecoder(
+    packed = PackedDecoder(
         embedding=embedding, scale=embed.scale, positions=model.positional.P[0].to(embedding.dtype), layers=layers,
         final_norm=final_norm, output=_quantized(output) if int8 else output, num_heads=c.num_heads,
         norm_first=c.norm_first, int8=int8,
     )
+    return _copied(packed) if int8 else packed
 
 
 def _apply(x: Tensor, weights: Weights) -> Tensor:
@@ -902,7 +916,8 @@ class PackedEncoder(NamedTuple):
 def pack_encoder(model: Transformer, int8: bool = False) -> PackedEncoder:
     """Gather a ``Transformer``'s encoder weights for ``encode``, after checking what ``encode``
     assumes of the layers (as ``pack_decoder`` does for the decoder); with ``int8`` the layers'
-    feed-forward and Q/K/V products run on a quantized copy of their weights, taken now."""
+    feed-forward and Q/K/V products run on a quantized copy of their weights, and every other weight is
+    a copy too, taken now."""
     if any(m.training for m in model.modules()):
         raise ValueError("pack_encoder() is for translating, which has no dropout: call model.eval() first")
     _require(type(model) is Transformer, f"a Transformer, found {type(model).__name__}")
@@ -916,8 +931,9 @@ def pack_encoder(model: Transformer, int8: bool = False) -> PackedEncoder:
         layers = tuple(layer._replace(qkv=_quantized(layer.qkv), ff1=_quantized(layer.ff1), ff2=_quantized(layer.ff2))
                        for layer in layers)
     final_norm = _final_norm(model.encoder_norm, c, "final encoder norm")
-    return PackedEncoder(embedding, embed.scale, model.positional.P[0].to(embedding.dtype), layers, final_norm,
-                         c.num_heads, c.norm_first, int8)
+    packed = PackedEncoder(embedding, embed.scale, model.positional.P[0].to(embedding.dtype), layers, final_norm,
+                           c.num_heads, c.norm_first, int8)
+    return _copied(packed) if int8 else packed
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ under a name that changes with the sources, the compiler and the CPU, so that a 
 them builds afresh. Where no compiler is found, or ``ATTNLAB_NATIVE=0`` is set, or the build fails
 (with a warning that quotes the compiler's error; the failure is remembered in the cache, and
 deleting ``<cache>/native`` tries again), attnlab runs the same maths with PyTorch's operations
-instead: the same numbers to float32 rounding, somewhat slower. Nothing else needs a compiler.
+instead: the same numbers to float32 rounding, somewhat slower (int8 excepted: there PyTorch's int8
+product runs, whose quantization differs). Nothing else needs a compiler.
 
 Built with OpenMP, the kernels run with ``torch.get_num_threads()`` threads on the OpenMP runtime
 PyTorch has loaded, where that is GNU's (the dynamic loader finds a library of that name already in
@@ -272,6 +273,8 @@ class Int8OutputKernel:
     def linear(self, x: Tensor, table: Any) -> Tensor | None:
         x = self._rows(x, table)
         outputs = torch.empty(x.size(0), table.out_features, dtype=torch.float32)
+        if x.size(0) == 0:
+            return outputs
         return None if self._call(x, table, None, outputs, None) else outputs
 
     def pick(self, hidden: Tensor, table: Any, banned: Tensor,
@@ -280,6 +283,8 @@ class Int8OutputKernel:
         _check_cpu(("banned", banned, torch.int64))
         chosen = torch.empty(hidden.size(0), dtype=torch.int64)
         outputs = torch.empty(hidden.size(0), table.out_features, dtype=torch.float32) if logits else None
+        if hidden.size(0) == 0:
+            return chosen, outputs
         return None if self._call(hidden, table, banned.contiguous(), outputs, chosen) else (chosen, outputs)
 
     @staticmethod
