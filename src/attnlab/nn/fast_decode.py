@@ -243,7 +243,6 @@ class Int8Weights(NamedTuple):
     scale: Tensor  # (V16,) float32: each output row's step, max |w_v| / 127
     colsum: Tensor  # (V16,) int32: each output row's sum of integers
     bias: Tensor  # (V16,)
-    closed: Tensor  # (V16,) 0 for the outputs, -inf for the padding: never chosen by ``int8_pick``
     in_features: int
     out_features: int
 
@@ -317,12 +316,11 @@ def int8_weights(affine: Affine) -> Int8Weights:
     padded[:V, :E] = integers
     weights = padded.view(V16 // 16, 16, E4 // 4, 4).transpose(1, 2).to(torch.int8).contiguous()
 
-    def padded_vector(values: Tensor, fill: float) -> Tensor:
-        return torch.cat([values.float(), values.new_full((V16 - V,), fill, dtype=torch.float32)]).contiguous()
+    def padded_vector(values: Tensor) -> Tensor:
+        return F.pad(values.float(), (0, V16 - V)).contiguous()
 
-    colsum = F.pad(integers.sum(dim=1), (0, V16 - V)).to(torch.int32)
-    table = Int8Weights(weights, padded_vector(step, 0.0), colsum, padded_vector(bias, 0.0),
-                        padded_vector(torch.zeros(V), float("-inf")), E, V)
+    colsum = padded_vector(integers.sum(dim=1)).to(torch.int32)
+    table = Int8Weights(weights, padded_vector(step), colsum, padded_vector(bias), E, V)
     native.Int8OutputKernel.check(table)
     return table
 

@@ -249,8 +249,8 @@ class Int8OutputKernel:
         self.path = path
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self._run = library.attnlab_int8_output
-        self._run.argtypes = [pointer, ctypes.c_int64, integer, pointer, pointer, pointer, pointer, pointer, pointer,
-                              integer, integer, pointer, pointer, integer]
+        self._run.argtypes = [pointer, ctypes.c_int64, integer, pointer, pointer, pointer, pointer, pointer, integer,
+                              integer, pointer, pointer, integer]
         self._run.restype = integer
 
     @staticmethod
@@ -260,7 +260,7 @@ class Int8OutputKernel:
         if not 1 <= E <= MAX_INT8_INPUTS or V < 1:
             raise ValueError(f"int8 kernel: layers of 1 to {MAX_INT8_INPUTS} inputs and 1 output or more, got "
                              f"{E} x {V}")
-        vectors = [("scale", table.scale), ("colsum", table.colsum), ("bias", table.bias), ("closed", table.closed)]
+        vectors = [("scale", table.scale), ("colsum", table.colsum), ("bias", table.bias)]
         _check_cpu(("weights", table.weights, torch.int8), ("colsum", table.colsum, torch.int32),
                    *((name, t, torch.float32) for name, t in vectors if name != "colsum"))
         V16, E4 = -(-V // 16) * 16, -(-E // 4) * 4
@@ -298,7 +298,7 @@ class Int8OutputKernel:
               chosen: Tensor | None) -> bool:
         status = self._run(x.data_ptr(), x.size(0), table.in_features, table.weights.data_ptr(),
                            table.scale.data_ptr(), table.colsum.data_ptr(), table.bias.data_ptr(),
-                           table.closed.data_ptr(), _pointer(banned), 0 if banned is None else banned.numel(),
+                           _pointer(banned), 0 if banned is None else banned.numel(),
                            table.out_features, _pointer(outputs), _pointer(chosen), torch.get_num_threads())
         if status == -2:
             raise MemoryError("attnlab's int8 kernel could not allocate its workspace")

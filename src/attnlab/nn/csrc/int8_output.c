@@ -285,16 +285,16 @@ static inline int share(const Table *t, const float *x, int E, int64_t N, int64_
 }
 
 int attnlab_int8_output(const float *x, int64_t N, int E, const int8_t *weights, const float *scale,
-                        const int32_t *colsum, const float *bias, const float *closed, const int64_t *banned,
+                        const int32_t *colsum, const float *bias, const int64_t *banned,
                         int nbanned, int V, float *logits, int64_t *out, int threads) {
-    if (N < 0 || E < 1 || E > MAX_E || V < 1 || (out ? !closed : !logits)) return -1;
+    if (N < 0 || E < 1 || E > MAX_E || V < 1 || (!out && !logits)) return -1;
     if (threads < 1) threads = 1;
     const int V16 = (V + 15) / 16 * 16;
-    float *ban = NULL; /* closed, with the banned ids closed too */
+    float *ban = NULL; /* 0 for the ids that may be chosen, -inf for the padding and the banned ids */
     if (out) {
         ban = aligned_alloc(32, (size_t)V16 * sizeof(float));
         if (!ban) return -2;
-        memcpy(ban, closed, (size_t)V16 * sizeof(float));
+        for (int v = 0; v < V16; ++v) ban[v] = v < V ? 0.0f : -INFINITY;
         for (int k = 0; k < nbanned; ++k)
             if (banned[k] >= 0 && banned[k] < V) ban[banned[k]] = -INFINITY;
     }
